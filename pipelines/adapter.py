@@ -1,0 +1,467 @@
+"""The generator adapter: everything model-specific that sampling and training need, and no loop.
+
+One subclass per model family (``stable_diffusion.py``, ``stable_diffusion_xl.py``,
+``stable_diffusion_3.py``, ``flux.py``) fills in three things: how prompts are encoded, how the
+denoiser is called at ``(x_t, t)``, and which schedule the stock pipeline would use. Everything else
+lives here once: prompt caching, classifier-free guidance, initial noise drawn exactly as diffusers
+draws it, VAE decode/encode, LoRA in the diffusers format, dtype/device placement and the attention
+backend.
+
+Latents are always the *spatial* VAE latents (``B x C x h x w``; a frame axis for video models), in
+float32: packing (FLUX) and the model's dtype are applied inside :meth:`GeneratorAdapter.predict`
+and undone on the way out, so that step math and log-probs see one layout for every family.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+from pipelines.embeds import PromptCache, PromptEmbeds
+from pipelines.errors import PipelineInputError
+from pipelines.prediction import Prediction, convert_prediction
+from pipelines.schedules import Schedule, schedule_from_scheduler, stateless_scheduler
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights looks for
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """How a prediction is guided.
+
+    ``cfg_scale``: classifier-free guidance ``u + s (c - u)`` from a conditional and an unconditional
+    pass, used when it is greater than 1. ``embedded``: the guidance value that guidance-distilled
+    models (FLUX.1-dev) take as an input embedding; ``None`` for models without one.
+    """
+
+    cfg_scale: float = 1.0
+    embedded: float | None = None
+
+    @property
+    def uses_uncond(self) -> bool:
+        return self.cfg_scale > 1.0
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise PipelineInputError(f"unknown dtype {dtype!r}; use one of {sorted(set(DTYPES))}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineInputError("device 'cuda' was asked for but torch sees no CUDA GPU; use device=cpu or auto")
+    return device
+
+
+class GeneratorAdapter:
+    """Shared behaviour of all families; subclasses set the class attributes and three methods.
+
+    Subclasses implement ``_encode_prompts(prompts) -> PromptEmbeds``, ``_forward(x, t, embeds,
+    guidance) -> Tensor`` (one denoiser call, model dtype in and out, spatial latents) and
+    ``_schedule_kwargs(height, width, num_steps) -> dict`` (what the stock pipeline passes to
+    ``set_timesteps``).
+    """
+
+    family: ClassVar[str]  # short name: "sd", "sdxl", "sd3", "flux"
+    kind: ClassVar[Literal["flow", "diffusion"]]
+    pipeline_class: ClassVar[type]  # the stock diffusers pipeline (its LoRA format is ours)
+    denoiser_name: ClassVar[str]  # component name and LoRA prefix: "unet" or "transformer"
+    text_components: ClassVar[tuple[str, ...]]  # text encoder component names
+    default_guidance_scale: ClassVar[float]  # the stock pipeline's default guidance_scale
+    default_lora_targets: ClassVar[tuple[str, ...]]
+    size_multiple_extra: ClassVar[int] = 1  # patch size / packing factor on top of the VAE factor
+
+    def __init__(
+        self,
+        components: dict[str, Any],
+        *,
+        model_id: str,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = torch.float32,
+        attention: Literal["auto", "sdpa", "xformers"] = "auto",
+        pipeline_config: dict[str, Any] | None = None,
+        max_sequence_length: int | None = None,
+        clip_skip: int | None = None,
+    ) -> None:
+        self.components = {name: c for name, c in components.items() if c is not None}
+        self.model_id = model_id
+        self.pipeline_config = dict(pipeline_config or {})
+        self.max_sequence_length = max_sequence_length
+        self.clip_skip = clip_skip
+        self.vae = components["vae"]
+        self.denoiser: nn.Module = components[self.denoiser_name]
+        self.scheduler = stateless_scheduler(components["scheduler"], self.kind)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.prompt_cache = PromptCache(model_id)
+        self.cache_prompts = True
+        for module in self.modules().values():
+            module.eval()
+            module.requires_grad_(False)
+        self.to(device, dtype)
+        self.attention = self._set_attention(attention)
+
+    # ------------------------------------------------------------------ placement
+    @classmethod
+    def from_pipeline(cls, pipe: Any, *, model_id: str, **options: Any) -> GeneratorAdapter:
+        """Adapter over the components of a loaded diffusers pipeline (the pipeline is not kept)."""
+        return cls(dict(pipe.components), model_id=model_id, pipeline_config=dict(pipe.config), **options)
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Every torch module of the model, by component name."""
+        return {n: c for n, c in self.components.items() if isinstance(c, nn.Module)}
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The denoiser's (and text encoders') compute dtype."""
+        return self._dtype
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> GeneratorAdapter:
+        """Move every module; the VAE stays float32 when fp16 would overflow it (``force_upcast``)."""
+        self._device = resolve_device(device) if device is not None else self._device
+        self._dtype = resolve_dtype(dtype) if dtype is not None else self._dtype
+        for name, module in self.modules().items():
+            module_dtype = self._dtype
+            if name == "vae" and self._dtype == torch.float16 and self.vae.config.get("force_upcast", True):
+                module_dtype = torch.float32
+            current = next(module.parameters(), None)
+            if current is not None and current.dtype != module_dtype:
+                module.to(dtype=module_dtype)
+            module.to(device=self._device)
+        # LoRA master weights stay float32 whatever the base dtype.
+        for name, param in self.denoiser.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.float()
+        return self
+
+    def _set_attention(self, attention: str) -> str:
+        if attention not in ("auto", "sdpa", "xformers"):
+            raise PipelineInputError(f"unknown attention backend {attention!r}; use auto, sdpa or xformers")
+        xformers_ok = self.device.type == "cuda" and _xformers_available()
+        if attention == "xformers" and not xformers_ok:
+            raise PipelineInputError(
+                "attention='xformers' needs a CUDA device and the xformers package "
+                "(pip install 'vialign[xformers]'); use attention='sdpa' (the default on CPU)"
+            )
+        if attention == "sdpa" or (attention == "auto" and not xformers_ok):
+            return "sdpa"  # diffusers' default processors call torch's scaled_dot_product_attention
+        try:
+            self.denoiser.enable_xformers_memory_efficient_attention()
+        except Exception as error:  # noqa: BLE001 - reported, not swallowed, when asked for explicitly
+            if attention == "xformers":
+                raise PipelineInputError(f"xformers attention could not be enabled for {self.family}: {error}") from error
+            logger.info("xformers is installed but not usable for %s (%s); using SDPA", self.family, error)
+            return "sdpa"
+        return "xformers"
+
+    # ------------------------------------------------------------------ prompts
+    def encode_prompt(self, prompts: Sequence[str]) -> PromptEmbeds:
+        """Encode ``prompts`` (cached per prompt in memory unless ``cache_prompts`` is False)."""
+        prompts = _check_prompts(prompts)
+        if not self.cache_prompts:
+            with torch.no_grad():
+                return self._encode_prompts(prompts)
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.prompt_cache))
+        if missing:
+            with torch.no_grad():
+                self.prompt_cache.put(missing, self._encode_prompts(missing))
+        return self.prompt_cache.get(prompts).to(self.device)
+
+    def uncond_embeds(self, batch_size: int, negative_prompt: str | None = None) -> PromptEmbeds:
+        """The unconditional branch of CFG, as the stock pipeline builds it (empty or negative prompt)."""
+        return self.encode_prompt([negative_prompt or ""] * batch_size)
+
+    def precompute_prompt_embeds(self, prompts: Sequence[str], path: str | os.PathLike, batch_size: int = 32) -> int:
+        """Encode ``prompts`` in batches and write them to a safetensors file for training runs."""
+        unique = list(dict.fromkeys(_check_prompts(prompts)))
+        for start in range(0, len(unique), batch_size):
+            self.encode_prompt(unique[start : start + batch_size])
+        self.prompt_cache.save(path)
+        return len(unique)
+
+    def load_prompt_embeds(self, path: str | os.PathLike) -> int:
+        """Fill the prompt cache from a file written by :meth:`precompute_prompt_embeds`."""
+        return self.prompt_cache.load(path)
+
+    def _encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        raise NotImplementedError
+
+    def _tokenize(self, tokenizer: Any, prompts: list[str], max_length: int) -> torch.Tensor:
+        """Token ids padded to ``max_length``, as every stock pipeline does; warns on truncation."""
+        ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        longest = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+        if longest.shape[-1] > ids.shape[-1]:
+            logger.warning("prompt(s) longer than %d tokens were truncated for %s", max_length,
+                           type(tokenizer).__name__)
+        return ids.to(self.device)
+
+    # ------------------------------------------------------------------ geometry and noise
+    def check_size(self, height: int, width: int) -> None:
+        multiple = self.vae_scale_factor * self.size_multiple_extra
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % multiple:
+                lower = max(multiple, (int(value) // multiple) * multiple) if isinstance(value, int) else multiple
+                raise PipelineInputError(
+                    f"{name}={value} is not a positive multiple of {multiple} for this {self.family} model "
+                    f"(VAE factor {self.vae_scale_factor}"
+                    + (f" x patch/packing {self.size_multiple_extra}" if self.size_multiple_extra > 1 else "")
+                    + f"); try {lower} or {lower + multiple}"
+                )
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one sample's spatial latent for an image of ``height x width`` pixels."""
+        self.check_size(height, width)
+        return (self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) that the stock pipeline uses when none is given."""
+        size = int(self.denoiser.config.sample_size) * self.vae_scale_factor
+        return size, size
+
+    def initial_latents(
+        self,
+        generator: torch.Generator | list[torch.Generator] | None,
+        batch_size: int,
+        height: int,
+        width: int,
+        schedule: Schedule,
+    ) -> torch.Tensor:
+        """x_0 ~ N(0, I) drawn exactly as the stock pipeline draws it for ``generator`` (float32).
+
+        A list of generators draws each sample from its own generator, so a sample does not depend on
+        the batch it is drawn in.
+        """
+        shape = (batch_size, *self.latent_shape(height, width))
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        return noise.float() * schedule.init_noise_scale
+
+    def schedule(self, num_steps: int, height: int, width: int) -> Schedule:
+        """The stock pipeline's sampling schedule at this size, as plain tensors."""
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise PipelineInputError(f"num_steps must be a positive integer, got {num_steps!r}")
+        self.check_size(height, width)
+        return schedule_from_scheduler(self.scheduler, num_steps, **self._schedule_kwargs(height, width, num_steps))
+
+    def _schedule_kwargs(self, height: int, width: int, num_steps: int) -> dict[str, Any]:
+        return {}
+
+    # ------------------------------------------------------------------ the denoiser
+    @property
+    def prediction_type(self) -> str:
+        """What the denoiser outputs: ``epsilon``, ``v_prediction``, ``sample`` or ``flow``."""
+        return "flow" if self.kind == "flow" else self.scheduler.config.prediction_type
+
+    def make_guidance(self, guidance_scale: float | None = None, true_cfg_scale: float = 1.0) -> Guidance:
+        """The family's meaning of the stock pipeline's ``guidance_scale`` (CFG for all but FLUX)."""
+        scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
+        return Guidance(cfg_scale=scale)
+
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timestep: float | torch.Tensor,
+        cond: PromptEmbeds,
+        guidance: Guidance = Guidance(),
+        uncond: PromptEmbeds | None = None,
+    ) -> torch.Tensor:
+        """The (guided) denoiser output at ``(latents, timestep)``, float32, in ``prediction_type`` units.
+
+        ``timestep`` is in the schedule's units (``Schedule.timesteps``): a scalar or one per sample.
+        With ``guidance.cfg_scale > 1`` the conditional and unconditional passes run as one batch
+        ``[uncond, cond]``, as the stock pipelines do.
+        """
+        batch = latents.shape[0]
+        if len(cond) != batch:
+            raise ValueError(f"{len(cond)} prompt embeddings for a batch of {batch} latents")
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=self.device)
+        t = t.expand(batch) if t.ndim == 0 else t
+        x = latents.to(device=self.device, dtype=self.dtype)
+        if not guidance.uses_uncond:
+            return self._forward(x, t, cond, guidance).float()
+        if uncond is None or len(uncond) != batch:
+            raise ValueError(f"cfg_scale={guidance.cfg_scale} needs unconditional embeddings for all {batch} samples")
+        out = self._forward(torch.cat([x, x]), torch.cat([t, t]), PromptEmbeds.cat([uncond, cond]), guidance)
+        out_uncond, out_cond = out.float().chunk(2)
+        return out_uncond + guidance.cfg_scale * (out_cond - out_uncond)
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, guidance: Guidance) -> torch.Tensor:
+        raise NotImplementedError
+
+    def convert(self, output: torch.Tensor, latents: torch.Tensor, alpha: Any, sigma: Any) -> Prediction:
+        """x0_hat / eps_hat (and ``.velocity``) of a :meth:`predict` output at coefficients (alpha, sigma)."""
+        return convert_prediction(output, latents, alpha, sigma, self.prediction_type)
+
+    # ------------------------------------------------------------------ VAE
+    def decode(self, latents: torch.Tensor, *, checkpoint: bool = False) -> torch.Tensor:
+        """Pixels in [0, 1], float32, ``B x 3 x H x W``; differentiable. ``checkpoint`` recomputes the
+        decoder in the backward pass instead of storing its activations."""
+        if checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._decode, latents, use_reentrant=False)
+        return self._decode(latents)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        config = self.vae.config
+        z = latents.to(device=self.device, dtype=self.vae.dtype)
+        if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+            mean = torch.tensor(config.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+            std = torch.tensor(config.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+            z = z * std / config.scaling_factor + mean
+        else:
+            z = z / config.scaling_factor
+            if config.get("shift_factor") is not None:
+                z = z + config.shift_factor
+        images = self.vae.decode(z, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None, *, sample: bool = True) -> torch.Tensor:
+        """Latents (float32) of pixels in [0, 1] (``B x 3 x H x W``): the VAE posterior's sample, or its
+        mode with ``sample=False``, scaled as the denoiser expects."""
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise PipelineInputError(f"encode expects pixels shaped B x 3 x H x W, got {tuple(pixels.shape)}")
+        if pixels.min() < 0 or pixels.max() > 1:
+            raise PipelineInputError(
+                f"encode expects pixels in [0, 1], got values in [{pixels.min().item():.3f}, {pixels.max().item():.3f}]"
+            )
+        self.check_size(int(pixels.shape[-2]), int(pixels.shape[-1]))
+        config = self.vae.config
+        posterior = self.vae.encode((pixels * 2 - 1).to(device=self.device, dtype=self.vae.dtype)).latent_dist
+        z = (posterior.sample(generator) if sample else posterior.mode()).float()
+        if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+            mean = torch.tensor(config.latents_mean, device=z.device).view(1, -1, 1, 1)
+            std = torch.tensor(config.latents_std, device=z.device).view(1, -1, 1, 1)
+            return (z - mean) * config.scaling_factor / std
+        if config.get("shift_factor") is not None:
+            z = z - config.shift_factor
+        return z * config.scaling_factor
+
+    # ------------------------------------------------------------------ LoRA (diffusers format)
+    def add_lora(
+        self,
+        rank: int = 16,
+        alpha: float | None = None,
+        target_modules: Sequence[str] | None = None,
+        dropout: float = 0.0,
+        adapter_name: str = "default",
+    ) -> Any:
+        """Attach a peft LoRA to the denoiser (float32 master weights, trainable); returns its config."""
+        from peft import LoraConfig
+
+        if rank < 1:
+            raise PipelineInputError(f"LoRA rank must be >= 1, got {rank}")
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha if alpha is not None else rank,
+            target_modules=list(target_modules or self.default_lora_targets),
+            lora_dropout=dropout,
+            init_lora_weights=True,
+        )
+        try:
+            self.denoiser.add_adapter(config, adapter_name=adapter_name)
+        except ValueError as error:
+            raise PipelineInputError(f"could not attach LoRA to the {self.denoiser_name}: {error}") from error
+        self.to()
+        for param in self.lora_parameters(adapter_name):
+            param.requires_grad_(True)
+        return config
+
+    def lora_parameters(self, adapter_name: str = "default") -> list[nn.Parameter]:
+        return [p for n, p in self.denoiser.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
+
+    def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> str:
+        """Write the LoRA so that stock ``pipe.load_lora_weights(directory)`` loads it; returns the file.
+
+        The file is written to a temporary name and renamed, so an interrupted save never leaves a
+        truncated ``pytorch_lora_weights.safetensors`` behind.
+        """
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        peft_config = getattr(self.denoiser, "peft_config", {}).get(adapter_name)
+        if peft_config is None:
+            raise PipelineInputError(f"the {self.denoiser_name} has no LoRA adapter named {adapter_name!r}")
+        state = get_peft_model_state_dict(self.denoiser, adapter_name=adapter_name)
+        state = convert_state_dict_to_diffusers(state)
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-lora-") as tmp:
+            self.pipeline_class.save_lora_weights(
+                tmp,
+                safe_serialization=True,
+                **{f"{self.denoiser_name}_lora_layers": state,
+                   f"{self.denoiser_name}_lora_adapter_metadata": peft_config.to_dict()},
+            )
+            target = os.path.join(directory, LORA_WEIGHT_NAME)
+            os.replace(os.path.join(tmp, LORA_WEIGHT_NAME), target)
+        return target
+
+    def load_lora(self, path: str | os.PathLike, adapter_name: str = "default") -> None:
+        """Load a diffusers-format LoRA (a folder with ``pytorch_lora_weights.safetensors`` or the file)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            folder, weight_name = path, LORA_WEIGHT_NAME
+        else:
+            folder, weight_name = os.path.dirname(path) or ".", os.path.basename(path)
+        if not os.path.isfile(os.path.join(folder, weight_name)):
+            raise PipelineInputError(f"no LoRA weights at {os.path.join(folder, weight_name)}")
+        self.denoiser.load_lora_adapter(folder, weight_name=weight_name, prefix=self.denoiser_name,
+                                        adapter_name=adapter_name)
+        self.to()
+
+    @contextlib.contextmanager
+    def lora_disabled(self) -> Iterator[None]:
+        """The base model: LoRA adapters off inside the block (the reference policy of KL terms)."""
+        if not getattr(self.denoiser, "_hf_peft_config_loaded", False):
+            yield
+            return
+        self.denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            self.denoiser.enable_adapters()
+
+
+def _check_prompts(prompts: Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        raise PipelineInputError("prompts must be a list of strings, got a single string")
+    prompts = list(prompts)
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise PipelineInputError(f"prompts must be strings, got {type(bad[0]).__name__}")
+    if not prompts:
+        raise PipelineInputError("no prompts given")
+    return prompts
+
+
+def _xformers_available() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return False
+    return True

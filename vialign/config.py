@@ -1,0 +1,189 @@
+"""Typed configs: one pydantic schema per job, loaded from YAML with dotted command-line overrides.
+
+    vialign sample --config configs/sample_tiny.yaml sampler.num_steps=20 model.dtype=bfloat16
+
+Every key is declared with its type, range and a one-line description; an unknown key, a wrong type
+or an out-of-range value raises :class:`ConfigError` naming the key and what it accepts. Values of
+overrides are parsed as YAML scalars (``20`` is an int, ``true`` a bool, ``[0, 5]`` a list, ``null``
+None). Later sources win: YAML file < command-line flags < dotted overrides. Configs stop at setup:
+code below the CLI gets plain arguments, and nothing writes back into a config.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vialign.errors import ConfigError
+
+Schema = TypeVar("Schema", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Rejects unknown keys; validates on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    """Which generator to load, and where."""
+
+    path: str = Field("tiny-sd3", description="diffusers pipeline folder, Hugging Face hub id, or built-in tiny-* model")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="compute dtype of denoiser and text encoders")
+    device: str = Field("auto", description="auto (CUDA if available), cpu, cuda or cuda:N")
+    attention: Literal["auto", "sdpa", "xformers"] = Field("auto", description="attention backend")
+    lora: str | None = Field(None, description="folder of diffusers-format LoRA weights to load")
+    use_t5: bool = Field(True, description="SD3: load the T5 text encoder (false: zeros in its place)")
+    max_sequence_length: int | None = Field(None, ge=1, le=4096, description="T5 tokens (SD3 default 256, FLUX 512)")
+    clip_skip: int | None = Field(None, ge=1, le=12, description="use an earlier CLIP layer, as diffusers' clip_skip")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        head, _, index = value.partition(":")
+        if head not in ("auto", "cpu", "cuda", "mps") or (index and not index.isdigit()):
+            raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps, not {value!r}")
+        return value
+
+
+class SamplerConfig(StrictModel):
+    """How images are sampled."""
+
+    kind: Literal["ode", "sde"] = Field("ode", description="ode: deterministic (reproduces stock diffusers); sde: stochastic")
+    sde_kind: Literal["ddim", "flow-sde", "dance-sde", "cps"] | None = Field(
+        None, description="SDE for kind=sde: ddim (UNet models), flow-sde, dance-sde or cps (flow models); "
+        "default ddim for UNet models, flow-sde for flow models")
+    noise_level: float | None = Field(None, ge=0, le=10, description="eta (ddim, dance-sde) or a (flow-sde, cps); default per SDE")
+    sde_window: tuple[int, int] | None = Field(None, description="[start, stop) of the stochastic steps; default all")
+    num_steps: int = Field(20, ge=1, le=1000, description="denoising steps")
+    guidance_scale: float | None = Field(None, ge=0, le=100, description="the stock pipeline's guidance_scale "
+                                         "(CFG; FLUX: the guidance embedding); default the pipeline's")
+    true_cfg_scale: float = Field(1.0, ge=0, le=100, description="FLUX only: true classifier-free guidance")
+    negative_prompt: str | None = Field(None, description="negative prompt for the unconditional branch")
+
+    @field_validator("sde_window")
+    @classmethod
+    def _window(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not 0 <= value[0] < value[1]:
+            raise ValueError(f"must be [start, stop) with 0 <= start < stop, got {list(value)}")
+        return value
+
+
+class SampleConfig(StrictModel):
+    """``vialign sample``: generate PNGs and a samples.jsonl index."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    prompts: list[str] = Field(default_factory=list, description="prompts; image i uses seed + i")
+    prompts_file: str | None = Field(None, description="text file with one prompt per line (or JSONL with a 'prompt' field)")
+    height: int | None = Field(None, ge=8, le=8192, description="image height in pixels; default the model's")
+    width: int | None = Field(None, ge=8, le=8192, description="image width in pixels; default the model's")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of the first image")
+    batch_size: int = Field(4, ge=1, le=4096, description="images per denoiser batch")
+    out: str = Field("samples", description="output folder")
+    overwrite: bool = Field(False, description="replace an earlier run's samples.jsonl in the output folder")
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML mapping from ``path``; a missing file or malformed YAML is a ConfigError."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error)
+            raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys to values at the top level, not a {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ``("a.b", parsed value)``; the value is read as a YAML scalar or list."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. sampler.num_steps=20)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, dict):  # "a: b" would read as a mapping; a string was meant
+        value = raw
+    return key, value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """``data["a"]["b"] = value`` for ``key = "a.b"``, creating intermediate mappings."""
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section: cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def _allowed_keys(schema: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    model: Any = schema
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        model = field.annotation if field is not None else None
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return sorted(model.model_fields)
+    return []
+
+
+def format_validation_error(error: ValidationError, schema: type[BaseModel], source: str,
+                            flags: Mapping[str, str] | None = None) -> str:
+    """One line per problem: ``key (--flag): what is wrong (got value)``."""
+    lines = []
+    for problem in error.errors():
+        loc = [p for p in problem["loc"] if not isinstance(p, int) or problem["type"] != "extra_forbidden"]
+        key = ".".join(str(p) for p in problem["loc"])
+        flag = (flags or {}).get(key)
+        name = f"{key} ({flag})" if flag else key
+        if problem["type"] == "extra_forbidden":
+            allowed = _allowed_keys(schema, loc)
+            lines.append(f"{name}: unknown key; allowed keys here: {', '.join(allowed)}")
+            continue
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "missing":
+            lines.append(f"{name}: required key is missing")
+        else:
+            lines.append(f"{name}: {message} (got {problem.get('input')!r})")
+    return f"invalid config ({source}):\n  " + "\n  ".join(lines)
+
+
+def load_config(
+    schema: type[Schema],
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    values: Mapping[str, Any] | None = None,
+    flags: Mapping[str, str] | None = None,
+) -> Schema:
+    """Validate ``schema`` from a YAML file, then ``values`` (dotted key -> value, e.g. from CLI flags),
+    then ``overrides`` (``"key=value"`` strings), later ones winning."""
+    data = read_yaml(path) if path is not None else {}
+    for key, value in (values or {}).items():
+        set_dotted(data, key, value)
+    for text in overrides:
+        set_dotted(data, *parse_override(text))
+    sources = [os.fspath(path)] if path is not None else []
+    if values or overrides:
+        sources.append("command line")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, schema, " + ".join(sources) or "defaults", flags)) from None

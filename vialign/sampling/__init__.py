@@ -1,0 +1,32 @@
+"""Sampling dynamics: stateless step functions with exact Gaussian log-probs, and the rollout loop.
+
+    flow.py      flow ODE (Euler), Flow-SDE, Dance-SDE and CPS steps
+    ddim.py      DDIM (eta = 0) and DDIM-eta steps for diffusion models
+    gaussian.py  StepOutput and the exact Gaussian log-density
+    sampler.py   Sampler (ODE or SDE on a window) and the per-step dispatch
+    rollout.py   rollout(), Trajectory, trajectory_log_probs()
+"""
+
+from vialign.sampling.ddim import ddim_step
+from vialign.sampling.flow import cps_step, dance_sde_step, flow_ode_step, flow_sde_step
+from vialign.sampling.gaussian import StepOutput, gaussian_log_prob
+from vialign.sampling.rollout import Trajectory, draw_noise, evaluate_step, rollout, trajectory_log_probs
+from vialign.sampling.sampler import SDE_KINDS, Sampler, sampler_step
+
+__all__ = [
+    "SDE_KINDS",
+    "Sampler",
+    "StepOutput",
+    "Trajectory",
+    "cps_step",
+    "dance_sde_step",
+    "ddim_step",
+    "draw_noise",
+    "evaluate_step",
+    "flow_ode_step",
+    "flow_sde_step",
+    "gaussian_log_prob",
+    "rollout",
+    "sampler_step",
+    "trajectory_log_probs",
+]

@@ -1,0 +1,225 @@
+"""Rollouts: run a sampler over a batch and record the trajectory; re-score a stored trajectory.
+
+``rollout`` is the one sampling loop in vialign. It records every state x_0 ... x_N and the exact
+log-probs of the stochastic steps (what GRPO needs), and can keep gradients through the last K
+steps with per-step activation checkpointing (what DRaFT / AlignProp need). ``trajectory_log_probs``
+recomputes the log-probs of stored transitions under the current weights.
+
+Exact ratios. A denoiser's output for one sample changes in the last bits with the batch it is
+computed in (matrix kernels block differently for different batch sizes; measured ~1e-6 on CPU), and
+summed over thousands of latent dimensions that moves a log-prob by more than GRPO's clip range can
+absorb. With ``model_batch_size=m`` every denoiser call sees exactly ``m`` samples: batches are cut
+into chunks of ``m`` and the last chunk is padded with copies of its last sample. The same sample then
+gives bitwise the same log-prob whatever micro-batch it is re-scored in (1, 2, or the whole batch).
+Choose ``m`` = the training micro-batch size; smaller micro-batches waste the padded rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from pipelines.adapter import GeneratorAdapter, Guidance
+from pipelines.embeds import PromptEmbeds
+from pipelines.schedules import Schedule
+from tqdm.auto import tqdm
+
+from vialign.errors import VialignInputError
+from vialign.sampling.gaussian import StepOutput
+from vialign.sampling.sampler import Sampler, sampler_step
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+@dataclass
+class Trajectory:
+    """A batch of sampled chains, everything needed to re-score or continue them."""
+
+    latents: torch.Tensor  # [B, N+1, *latent] float32: x_0 (noise) ... x_N (sample); detached
+    log_probs: torch.Tensor  # [B, N] float32: log p(x_{k+1} | x_k), summed over latent dims; 0 where not stochastic
+    stochastic: torch.Tensor  # [N] bool: steps that drew noise
+    final: torch.Tensor  # [B, *latent] x_N; carries the graph of the gradient steps, if any
+    schedule: Schedule
+    sampler: Sampler
+    cond: PromptEmbeds  # [B] the prompts' embeddings (a reference, not a copy)
+    uncond: PromptEmbeds | None  # [B] unconditional embeddings when CFG was on
+    guidance: Guidance
+
+    def __len__(self) -> int:
+        return int(self.latents.shape[0])
+
+    def select(self, index: torch.Tensor | slice | Sequence[int]) -> Trajectory:
+        """The sub-batch ``index`` (a micro-batch for training)."""
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.long)
+        return replace(
+            self,
+            latents=self.latents[index],
+            log_probs=self.log_probs[index],
+            final=self.final[index],
+            cond=self.cond[index],
+            uncond=None if self.uncond is None else self.uncond[index],
+        )
+
+
+def draw_noise(generator: Generators, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Standard normal noise; a list of generators draws sample i from generator i, so each sample's
+    noise does not depend on the batch it is drawn in."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise VialignInputError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator]).to(device)
+    source = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=source).to(device)
+
+
+def _step_once(adapter, schedule, sampler, k, x, cond, uncond, guidance, stochastic, noise, prev) -> StepOutput:
+    output = adapter.predict(x, schedule.timesteps[k], cond, guidance, uncond)
+    return sampler_step(sampler, schedule, k, x, output, adapter.prediction_type, stochastic=stochastic,
+                        noise=noise, prev=prev)
+
+
+def evaluate_step(
+    adapter: GeneratorAdapter,
+    schedule: Schedule,
+    sampler: Sampler,
+    k: int,
+    x: torch.Tensor,
+    cond: PromptEmbeds,
+    *,
+    guidance: Guidance,
+    uncond: PromptEmbeds | None = None,
+    stochastic: bool,
+    noise: torch.Tensor | None = None,
+    prev: torch.Tensor | None = None,
+    model_batch_size: int | None = None,
+) -> StepOutput:
+    """Step ``k`` for a batch; with ``model_batch_size`` every denoiser call has exactly that many rows."""
+    batch = x.shape[0]
+    if model_batch_size is None:
+        return _step_once(adapter, schedule, sampler, k, x, cond, uncond, guidance, stochastic, noise, prev)
+    if model_batch_size < 1:
+        raise VialignInputError(f"model_batch_size must be >= 1, got {model_batch_size}")
+    parts: list[StepOutput] = []
+    for start in range(0, batch, model_batch_size):
+        index = torch.arange(start, min(start + model_batch_size, batch), device=x.device)
+        size = index.shape[0]
+        if size < model_batch_size:  # pad with copies of the last row: same call shape, rows dropped below
+            index = torch.cat([index, index[-1:].expand(model_batch_size - size)])
+        out = _step_once(
+            adapter, schedule, sampler, k, x[index], cond[index.cpu()],
+            None if uncond is None else uncond[index.cpu()], guidance, stochastic,
+            None if noise is None else noise[index], None if prev is None else prev[index],
+        )
+        parts.append(StepOutput(
+            x_next=out.x_next[:size], mean=out.mean[:size],
+            std=out.std[:size] if out.std.ndim else out.std,
+            log_prob=None if out.log_prob is None else out.log_prob[:size],
+        ))
+    std = torch.cat([p.std for p in parts]) if parts[0].std.ndim else parts[0].std
+    return StepOutput(
+        x_next=torch.cat([p.x_next for p in parts]),
+        mean=torch.cat([p.mean for p in parts]),
+        std=std,
+        log_prob=None if parts[0].log_prob is None else torch.cat([p.log_prob for p in parts]),
+    )
+
+
+def rollout(
+    adapter: GeneratorAdapter,
+    cond: PromptEmbeds,
+    latents: torch.Tensor,
+    schedule: Schedule,
+    *,
+    sampler: Sampler = Sampler(),
+    guidance: Guidance = Guidance(),
+    uncond: PromptEmbeds | None = None,
+    generator: Generators = None,
+    grad_steps: int = 0,
+    checkpoint: bool = True,
+    model_batch_size: int | None = None,
+    progress: bool = False,
+) -> Trajectory:
+    """Sample a batch from ``latents`` (x_0) along ``schedule`` and record the trajectory.
+
+    Args:
+        cond, uncond: prompt embeddings, one row per sample (``uncond`` when ``guidance`` uses CFG).
+        latents: x_0, e.g. ``adapter.initial_latents(...)``.
+        sampler: ODE, or an SDE on a window of steps.
+        generator: source of the SDE noise: one generator, or one per sample (batch-independent draws).
+        grad_steps: the last ``grad_steps`` steps keep gradients w.r.t. the model's trainable weights
+            (0: none, N: the whole chain); ``trajectory.final`` then carries the graph.
+        checkpoint: recompute each gradient step's activations in the backward pass instead of storing
+            them (memory ~ one step instead of ``grad_steps`` steps; gradients are identical).
+        model_batch_size: fixed denoiser batch for bitwise batch-invariant log-probs (module docstring).
+        progress: show a progress bar over steps.
+    """
+    batch, num_steps = latents.shape[0], schedule.num_steps
+    sampler.check(schedule)
+    if len(cond) != batch:
+        raise VialignInputError(f"{len(cond)} prompt embeddings for {batch} initial latents")
+    if not 0 <= grad_steps <= num_steps:
+        raise VialignInputError(f"grad_steps must be between 0 and the {num_steps} steps, got {grad_steps}")
+    if guidance.uses_uncond and uncond is None:
+        raise VialignInputError(f"guidance with cfg_scale={guidance.cfg_scale} needs unconditional embeddings")
+    stochastic = sampler.stochastic_steps(num_steps)
+    x = latents.float()
+    states, log_probs = [x.detach()], torch.zeros(batch, num_steps, device=x.device)
+    for k in tqdm(range(num_steps), disable=not progress, desc="sampling", leave=False):
+        noise = draw_noise(generator, x.shape, x.device) if stochastic[k] else None
+
+        def step(x_in: torch.Tensor, noise_in: torch.Tensor | None, k: int = k) -> tuple[torch.Tensor, torch.Tensor]:
+            out = evaluate_step(adapter, schedule, sampler, k, x_in, cond, guidance=guidance, uncond=uncond,
+                                stochastic=bool(stochastic[k]), noise=noise_in, model_batch_size=model_batch_size)
+            log_prob = out.log_prob if out.log_prob is not None else torch.zeros(batch, device=x_in.device)
+            return out.x_next, log_prob
+
+        if k >= num_steps - grad_steps:
+            with torch.enable_grad():
+                if checkpoint:
+                    x, log_prob = torch.utils.checkpoint.checkpoint(step, x, noise, use_reentrant=False)
+                else:
+                    x, log_prob = step(x, noise)
+        else:
+            with torch.no_grad():
+                x, log_prob = step(x, noise)
+        states.append(x.detach())
+        log_probs[:, k] = log_prob.detach()
+    return Trajectory(
+        latents=torch.stack(states, dim=1), log_probs=log_probs, stochastic=stochastic, final=x,
+        schedule=schedule, sampler=sampler, cond=cond, uncond=uncond, guidance=guidance,
+    )
+
+
+def trajectory_log_probs(
+    adapter: GeneratorAdapter,
+    trajectory: Trajectory,
+    steps: Sequence[int] | None = None,
+    *,
+    model_batch_size: int | None = None,
+    guidance: Guidance | None = None,
+    per_dim: bool = False,
+) -> torch.Tensor:
+    """log p_theta(x_{k+1} | x_k) of the stored transitions under the current weights: [B, len(steps)].
+
+    ``steps`` defaults to every stochastic step. Gradients flow when grad mode is on. ``per_dim``
+    divides by the number of latent dimensions. ``guidance`` overrides the rollout's (e.g. training
+    without CFG). Pass the rollout's ``model_batch_size`` for bitwise-equal log-probs.
+    """
+    stochastic_steps = [int(k) for k in torch.nonzero(trajectory.stochastic).flatten()]
+    steps = stochastic_steps if steps is None else [int(k) for k in steps]
+    deterministic_steps = [k for k in steps if k not in stochastic_steps]
+    if deterministic_steps:
+        raise VialignInputError(f"steps {deterministic_steps} were deterministic (ODE) in this trajectory: no log-prob")
+    guidance = trajectory.guidance if guidance is None else guidance
+    uncond = trajectory.uncond if guidance.uses_uncond else None
+    columns = []
+    for k in steps:
+        out = evaluate_step(
+            adapter, trajectory.schedule, trajectory.sampler, k, trajectory.latents[:, k], trajectory.cond,
+            guidance=guidance, uncond=uncond, stochastic=True, prev=trajectory.latents[:, k + 1],
+            model_batch_size=model_batch_size,
+        )
+        columns.append(out.log_prob_per_dim if per_dim else out.log_prob)
+    return torch.stack(columns, dim=1)

@@ -401,14 +401,14 @@ class GeneratorAdapter:
         The file is written to a temporary name and renamed, so an interrupted save never leaves a
         truncated ``pytorch_lora_weights.safetensors`` behind.
         """
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         peft_config = getattr(self.denoiser, "peft_config", {}).get(adapter_name)
         if peft_config is None:
             raise PipelineInputError(f"the {self.denoiser_name} has no LoRA adapter named {adapter_name!r}")
+        # peft's lora_A / lora_B keys, prefixed with the component name by save_lora_weights: the layout
+        # diffusers' own LoRA training scripts write for SD3 and FLUX, and that its loaders read for all.
         state = get_peft_model_state_dict(self.denoiser, adapter_name=adapter_name)
-        state = convert_state_dict_to_diffusers(state)
         os.makedirs(directory, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-lora-") as tmp:
             self.pipeline_class.save_lora_weights(

@@ -114,6 +114,7 @@ def schedule_from_scheduler(scheduler: Any, num_steps: int, **set_timesteps_kwar
     if isinstance(fresh, DDIMScheduler):
         fresh.set_timesteps(num_steps, device="cpu")
         timesteps = fresh.timesteps.cpu()
+        _check_timesteps(timesteps, fresh, num_steps)
         alphas_cumprod = fresh.alphas_cumprod.to(torch.float32)
         # DDIMScheduler.step goes from t to t - T // N and ends at final_alpha_cumprod below zero. With
         # "leading" spacing (SD 1.x/2.x, SDXL) and whenever T // N is the timestep gap, that is the next
@@ -130,6 +131,7 @@ def schedule_from_scheduler(scheduler: Any, num_steps: int, **set_timesteps_kwar
         )
     if isinstance(fresh, EulerDiscreteScheduler):
         fresh.set_timesteps(num_steps, device="cpu")
+        _check_timesteps(fresh.timesteps, fresh, num_steps)
         ve_sigmas = fresh.sigmas.to(torch.float32).cpu()  # [N+1], sigma-space (variance exploding)
         scale = torch.rsqrt(1.0 + ve_sigmas**2)
         init = float(fresh.init_noise_sigma) * float(scale[0])
@@ -142,6 +144,17 @@ def schedule_from_scheduler(scheduler: Any, num_steps: int, **set_timesteps_kwar
             scheduler="EulerDiscreteScheduler",
         )
     raise PipelineInputError(f"no stateless schedule for {type(fresh).__name__}")
+
+
+def _check_timesteps(timesteps: torch.Tensor, scheduler: Any, num_steps: int) -> None:
+    """diffusers' 'leading' spacing plus steps_offset can reach timestep T (out of 0..T-1) for large N."""
+    limit = scheduler.config.num_train_timesteps
+    if float(timesteps.max()) > limit - 1:
+        raise PipelineInputError(
+            f"num_steps={num_steps} gives timestep {float(timesteps.max()):.0f} with this scheduler's "
+            f"{scheduler.config.timestep_spacing!r} spacing and steps_offset={scheduler.config.steps_offset}, "
+            f"outside the model's 0..{limit - 1}: use fewer steps"
+        )
 
 
 def diffusion_coefficients(scheduler: Any, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,114 @@
+"""Rollouts on tiny real models: stored trajectories re-score exactly (ratio 1) in any micro-batch, and
+per-step checkpointing gives the same gradients as the plain chain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pipelines
+from vialign.sampling import Sampler, rollout, trajectory_log_probs
+
+PROMPTS = ["a red square", "a blue circle on the left", "a small green triangle", "a photo of a cat"]
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def adapters():
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = pipelines.load_pipeline(name, device="cpu")
+        return cache[name]
+
+    return get
+
+
+def _rollout(adapter, sampler, *, num_steps=4, guidance_scale=3.0, model_batch_size=None, grad_steps=0, checkpoint=True,
+             prompts=PROMPTS, seed=0):
+    schedule = adapter.schedule(num_steps, SIZE, SIZE)
+    guidance = adapter.make_guidance(guidance_scale)
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    cond = adapter.encode_prompt(prompts)
+    uncond = adapter.uncond_embeds(len(prompts)) if guidance.uses_uncond else None
+    latents = adapter.initial_latents(generators, len(prompts), SIZE, SIZE, schedule)
+    return rollout(adapter, cond, latents, schedule, sampler=sampler, guidance=guidance, uncond=uncond,
+                   generator=generators, model_batch_size=model_batch_size, grad_steps=grad_steps, checkpoint=checkpoint)
+
+
+@pytest.mark.parametrize("model,sampler", [
+    ("tiny-sd3", Sampler(sde="flow-sde")),
+    ("tiny-sd3", Sampler(sde="dance-sde")),
+    ("tiny-flux", Sampler(sde="cps", sde_window=(0, 3))),
+    ("tiny-sd", Sampler(sde="ddim", noise_level=1.0)),
+    ("tiny-sdxl", Sampler(sde="ddim", noise_level=0.7, sde_window=(1, 3))),
+], ids=["sd3-flow-sde", "sd3-dance-sde", "flux-cps", "sd-ddim", "sdxl-ddim-window"])
+def test_rescoring_a_trajectory_gives_ratio_exactly_one_in_any_micro_batch(adapters, model, sampler):
+    adapter = adapters(model)
+    trajectory = _rollout(adapter, sampler, model_batch_size=2)
+    stochastic = torch.nonzero(trajectory.stochastic).flatten().tolist()
+    assert stochastic == list(range(*(sampler.sde_window or (0, 4))))
+    recorded = trajectory.log_probs[:, stochastic]
+    assert torch.isfinite(recorded).all() and (recorded != 0).all()
+    for micro_batch in (1, 2, 3, len(PROMPTS)):
+        with torch.no_grad():
+            rescored = torch.cat([
+                trajectory_log_probs(adapter, trajectory.select(range(i, min(i + micro_batch, len(PROMPTS)))),
+                                     model_batch_size=2)
+                for i in range(0, len(PROMPTS), micro_batch)
+            ])
+        ratio = torch.exp(rescored - recorded)
+        assert torch.equal(rescored, recorded), f"micro-batch {micro_batch}: max |ratio - 1| = {(ratio - 1).abs().max()}"
+
+
+def test_trajectory_records_every_state_and_matches_its_final(adapters):
+    adapter = adapters("tiny-sd3")
+    trajectory = _rollout(adapter, Sampler(sde="flow-sde", sde_window=(1, 3)))
+    assert trajectory.latents.shape == (4, 5, 4, 8, 8)
+    assert torch.equal(trajectory.latents[:, -1], trajectory.final)
+    assert trajectory.stochastic.tolist() == [False, True, True, False]
+    assert (trajectory.log_probs[:, [0, 3]] == 0).all()
+    with pytest.raises(ValueError, match="deterministic"):
+        trajectory_log_probs(adapter, trajectory, steps=[0])
+
+
+def test_sde_samples_do_not_depend_on_the_batch(adapters):
+    """Sample i draws all its noise from its own generator: alone or in a batch, the same chain."""
+    adapter = adapters("tiny-sd3")
+    together = _rollout(adapter, Sampler(sde="flow-sde"), model_batch_size=1)
+    alone = _rollout(adapter, Sampler(sde="flow-sde"), model_batch_size=1, prompts=PROMPTS[2:3], seed=2)
+    assert torch.equal(together.latents[2:3], alone.latents)
+    assert torch.equal(together.log_probs[2:3], alone.log_probs)
+
+
+def _chain_gradients(adapter, sampler, checkpoint: bool, grad_steps: int) -> dict[str, torch.Tensor]:
+    adapter.denoiser.zero_grad(set_to_none=True)
+    trajectory = _rollout(adapter, sampler, num_steps=5, grad_steps=grad_steps, checkpoint=checkpoint, prompts=PROMPTS[:2])
+    pixels = adapter.decode(trajectory.final, checkpoint=checkpoint)
+    weights = torch.linspace(-1, 1, pixels.numel()).reshape(pixels.shape)  # a loss that touches every pixel
+    (pixels * weights).sum().backward()
+    return {n: p.grad.clone() for n, p in adapter.denoiser.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("model,sampler", [("tiny-sd", Sampler(sde="ddim", noise_level=1.0)),
+                                           ("tiny-sd3", Sampler(sde="flow-sde"))], ids=["unet", "flow"])
+@pytest.mark.parametrize("grad_steps", [1, 5])
+def test_checkpointed_chain_gives_the_plain_chains_gradients(adapters, model, sampler, grad_steps):
+    adapter = pipelines.load_pipeline(model, device="cpu")  # a fresh copy: this test trains the weights
+    for param in adapter.denoiser.parameters():
+        param.requires_grad_(True)
+    plain = _chain_gradients(adapter, sampler, checkpoint=False, grad_steps=grad_steps)
+    checkpointed = _chain_gradients(adapter, sampler, checkpoint=True, grad_steps=grad_steps)
+    assert plain.keys() == checkpointed.keys() and len(plain) == len(list(adapter.denoiser.parameters()))
+    assert any(g.abs().sum() > 0 for g in plain.values())
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_no_grad_steps_keep_no_graph(adapters):
+    adapter = adapters("tiny-sd3")
+    trajectory = _rollout(adapter, Sampler(), grad_steps=0)
+    assert not trajectory.final.requires_grad
+    with pytest.raises(ValueError, match="grad_steps"):
+        _rollout(adapter, Sampler(), num_steps=3, grad_steps=4)

@@ -29,13 +29,19 @@ from torch import nn
 from pipelines.embeds import PromptCache, PromptEmbeds
 from pipelines.errors import PipelineInputError
 from pipelines.prediction import Prediction, convert_prediction
-from pipelines.schedules import Schedule, schedule_from_scheduler, stateless_scheduler
+from pipelines.schedules import Schedule, diffusion_coefficients, schedule_from_scheduler, stateless_scheduler
 
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights looks for
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineInputError("device 'cuda' was asked for but torch sees no CUDA GPU; use device=cpu or auto")
+        raise PipelineInputError(
+            "device 'cuda' was asked for but torch sees no CUDA GPU; use device=cpu or auto"
+        )
     return device
 
 
@@ -138,7 +146,9 @@ class GeneratorAdapter:
         """The denoiser's (and text encoders') compute dtype."""
         return self._dtype
 
-    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> GeneratorAdapter:
+    def to(
+        self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    ) -> GeneratorAdapter:
         """Move every module; the VAE stays float32 when fp16 would overflow it (``force_upcast``)."""
         self._device = resolve_device(device) if device is not None else self._device
         self._dtype = resolve_dtype(dtype) if dtype is not None else self._dtype
@@ -171,7 +181,9 @@ class GeneratorAdapter:
             self.denoiser.enable_xformers_memory_efficient_attention()
         except Exception as error:  # noqa: BLE001 - reported, not swallowed, when asked for explicitly
             if attention == "xformers":
-                raise PipelineInputError(f"xformers attention could not be enabled for {self.family}: {error}") from error
+                raise PipelineInputError(
+                    f"xformers attention could not be enabled for {self.family}: {error}"
+                ) from error
             logger.info("xformers is installed but not usable for %s (%s); using SDPA", self.family, error)
             return "sdpa"
         return "xformers"
@@ -193,12 +205,14 @@ class GeneratorAdapter:
         """The unconditional branch of CFG, as the stock pipeline builds it (empty or negative prompt)."""
         return self.encode_prompt([negative_prompt or ""] * batch_size)
 
-    def precompute_prompt_embeds(self, prompts: Sequence[str], path: str | os.PathLike, batch_size: int = 32) -> int:
+    def precompute_prompt_embeds(
+        self, prompts: Sequence[str], path: str | os.PathLike, batch_size: int = 32
+    ) -> int:
         """Encode ``prompts`` in batches and write them to a safetensors file for training runs."""
         unique = list(dict.fromkeys(_check_prompts(prompts)))
         for start in range(0, len(unique), batch_size):
             self.encode_prompt(unique[start : start + batch_size])
-        self.prompt_cache.save(path)
+        self.prompt_cache.save(path, unique)
         return len(unique)
 
     def load_prompt_embeds(self, path: str | os.PathLike) -> int:
@@ -210,12 +224,14 @@ class GeneratorAdapter:
 
     def _tokenize(self, tokenizer: Any, prompts: list[str], max_length: int) -> torch.Tensor:
         """Token ids padded to ``max_length``, as every stock pipeline does; warns on truncation."""
-        ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                        return_tensors="pt").input_ids
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         longest = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
         if longest.shape[-1] > ids.shape[-1]:
-            logger.warning("prompt(s) longer than %d tokens were truncated for %s", max_length,
-                           type(tokenizer).__name__)
+            logger.warning(
+                "prompt(s) longer than %d tokens were truncated for %s", max_length, type(tokenizer).__name__
+            )
         return ids.to(self.device)
 
     # ------------------------------------------------------------------ geometry and noise
@@ -223,7 +239,9 @@ class GeneratorAdapter:
         multiple = self.vae_scale_factor * self.size_multiple_extra
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0 or value % multiple:
-                lower = max(multiple, (int(value) // multiple) * multiple) if isinstance(value, int) else multiple
+                lower = (
+                    max(multiple, (int(value) // multiple) * multiple) if isinstance(value, int) else multiple
+                )
                 raise PipelineInputError(
                     f"{name}={value} is not a positive multiple of {multiple} for this {self.family} model "
                     f"(VAE factor {self.vae_scale_factor}"
@@ -268,7 +286,9 @@ class GeneratorAdapter:
         if not isinstance(num_steps, int) or num_steps < 1:
             raise PipelineInputError(f"num_steps must be a positive integer, got {num_steps!r}")
         self.check_size(height, width)
-        return schedule_from_scheduler(self.scheduler, num_steps, **self._schedule_kwargs(height, width, num_steps))
+        return schedule_from_scheduler(
+            self.scheduler, num_steps, **self._schedule_kwargs(height, width, num_steps)
+        )
 
     def _schedule_kwargs(self, height: int, width: int, num_steps: int) -> dict[str, Any]:
         return {}
@@ -307,13 +327,27 @@ class GeneratorAdapter:
         if not guidance.uses_uncond:
             return self._forward(x, t, cond, guidance).float()
         if uncond is None or len(uncond) != batch:
-            raise ValueError(f"cfg_scale={guidance.cfg_scale} needs unconditional embeddings for all {batch} samples")
+            raise ValueError(
+                f"cfg_scale={guidance.cfg_scale} needs unconditional embeddings for all {batch} samples"
+            )
         out = self._forward(torch.cat([x, x]), torch.cat([t, t]), PromptEmbeds.cat([uncond, cond]), guidance)
         out_uncond, out_cond = out.float().chunk(2)
         return out_uncond + guidance.cfg_scale * (out_cond - out_uncond)
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, guidance: Guidance) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, guidance: Guidance
+    ) -> torch.Tensor:
         raise NotImplementedError
+
+    def coefficients(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) at training ``timesteps`` (schedule units, one per sample), for training
+        losses at a given t: ``x_t = alpha_t x0 + sigma_t eps``. Flow: sigma = t / T; diffusion: the
+        cumulative alpha product at integer t."""
+        timesteps = torch.as_tensor(timesteps, device=self.device)
+        if self.kind == "flow":
+            sigma = timesteps.float() / self.scheduler.config.num_train_timesteps
+            return 1.0 - sigma, sigma
+        return diffusion_coefficients(self.scheduler, timesteps)
 
     def convert(self, output: torch.Tensor, latents: torch.Tensor, alpha: Any, sigma: Any) -> Prediction:
         """x0_hat / eps_hat (and ``.velocity``) of a :meth:`predict` output at coefficients (alpha, sigma)."""
@@ -341,7 +375,9 @@ class GeneratorAdapter:
         images = self.vae.decode(z, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
-    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None, *, sample: bool = True) -> torch.Tensor:
+    def encode(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, *, sample: bool = True
+    ) -> torch.Tensor:
         """Latents (float32) of pixels in [0, 1] (``B x 3 x H x W``): the VAE posterior's sample, or its
         mode with ``sample=False``, scaled as the denoiser expects."""
         if pixels.ndim != 4 or pixels.shape[1] != 3:
@@ -414,8 +450,10 @@ class GeneratorAdapter:
             self.pipeline_class.save_lora_weights(
                 tmp,
                 safe_serialization=True,
-                **{f"{self.denoiser_name}_lora_layers": state,
-                   f"{self.denoiser_name}_lora_adapter_metadata": peft_config.to_dict()},
+                **{
+                    f"{self.denoiser_name}_lora_layers": state,
+                    f"{self.denoiser_name}_lora_adapter_metadata": peft_config.to_dict(),
+                },
             )
             target = os.path.join(directory, LORA_WEIGHT_NAME)
             os.replace(os.path.join(tmp, LORA_WEIGHT_NAME), target)
@@ -430,8 +468,9 @@ class GeneratorAdapter:
             folder, weight_name = os.path.dirname(path) or ".", os.path.basename(path)
         if not os.path.isfile(os.path.join(folder, weight_name)):
             raise PipelineInputError(f"no LoRA weights at {os.path.join(folder, weight_name)}")
-        self.denoiser.load_lora_adapter(folder, weight_name=weight_name, prefix=self.denoiser_name,
-                                        adapter_name=adapter_name)
+        self.denoiser.load_lora_adapter(
+            folder, weight_name=weight_name, prefix=self.denoiser_name, adapter_name=adapter_name
+        )
         self.to()
 
     @contextlib.contextmanager

@@ -92,15 +92,22 @@ class PromptCache:
             # clone: a slice would keep the whole batch alive
             self._rows[prompt] = PromptEmbeds({n: t[i : i + 1].clone() for n, t in embeds.items()})
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write every cached row to ``path`` (safetensors), atomically."""
-        prompts = list(self._rows)
+    def save(self, path: str | os.PathLike, prompts: Sequence[str] | None = None) -> None:
+        """Write the cached rows of ``prompts`` (default: all) to ``path`` (safetensors), atomically."""
+        prompts = list(self._rows) if prompts is None else list(dict.fromkeys(prompts))
+        missing = [p for p in prompts if p not in self._rows]
+        if missing:
+            raise PipelineInputError(f"{len(missing)} prompt(s) are not in the cache, e.g. {missing[0]!r}")
         if not prompts:
             raise PipelineInputError("the prompt cache is empty: encode some prompts before saving it")
         tensors = {}
         for name in self._rows[prompts[0]].tensors:
             tensors[name] = torch.cat([self._rows[p].tensors[name] for p in prompts]).contiguous().cpu()
-        metadata = {"model_id": self.model_id, "prompts": json.dumps(prompts), "format": "vialign.prompt_embeds.v1"}
+        metadata = {
+            "model_id": self.model_id,
+            "prompts": json.dumps(prompts),
+            "format": "vialign.prompt_embeds.v1",
+        }
         tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)

@@ -19,8 +19,16 @@ from pipelines.adapter import GeneratorAdapter, Guidance
 from pipelines.embeds import PromptEmbeds
 from pipelines.stable_diffusion_3 import calculate_shift
 
-FLUX_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+FLUX_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -72,7 +80,9 @@ class FluxAdapter(GeneratorAdapter):
 
     def _encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         tokenizer, clip = self.components["tokenizer"], self.components["text_encoder"]
-        pooled = clip(self._tokenize(tokenizer, prompts, tokenizer.model_max_length), output_hidden_states=False).pooler_output
+        pooled = clip(
+            self._tokenize(tokenizer, prompts, tokenizer.model_max_length), output_hidden_states=False
+        ).pooler_output
         length = self.max_sequence_length or self.default_max_sequence_length
         t5_ids = self._tokenize(self.components["tokenizer_2"], prompts, length)
         hidden = self.components["text_encoder_2"](t5_ids, output_hidden_states=False)[0]
@@ -82,11 +92,18 @@ class FluxAdapter(GeneratorAdapter):
         config = self.scheduler.config
         sigmas = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
         tokens = (height // self.vae_scale_factor // 2) * (width // self.vae_scale_factor // 2)
-        mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        mu = calculate_shift(
+            tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
         return {"sigmas": sigmas, "mu": mu}
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, guidance: Guidance) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, guidance: Guidance
+    ) -> torch.Tensor:
         batch, _, height, width = x.shape
         embedded = None
         if self.denoiser.config.guidance_embeds:

@@ -71,7 +71,8 @@ def read_model_index(path_or_id: str) -> dict[str, Any]:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = (
             "HF_HUB_OFFLINE is set, so only models already in the Hugging Face cache can load; "
-            if offline else "the hub could not be reached or has no such model; "
+            if offline
+            else "the hub could not be reached or has no such model; "
         )
         raise ModelNotFoundError(
             f"model {path_or_id!r} not found: it is not a local folder, and {hint}download it on a machine "
@@ -117,14 +118,21 @@ def load_pipeline(
     """
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
-    options = dict(device=device, dtype=torch_dtype, attention=attention, max_sequence_length=max_sequence_length,
-                   clip_skip=clip_skip)
+    options = dict(
+        device=device,
+        dtype=torch_dtype,
+        attention=attention,
+        max_sequence_length=max_sequence_length,
+        clip_skip=clip_skip,
+    )
     if path_or_id.startswith(BUILTIN_PREFIX) and not os.path.exists(path_or_id):
         from pipelines import tiny
 
-        family = path_or_id[len(BUILTIN_PREFIX):]
+        family = path_or_id[len(BUILTIN_PREFIX) :]
         if family not in tiny.FAMILIES:
-            raise ModelNotFoundError(f"unknown built-in model {path_or_id!r}; built-in models: {', '.join(builtin_models())}")
+            raise ModelNotFoundError(
+                f"unknown built-in model {path_or_id!r}; built-in models: {', '.join(builtin_models())}"
+            )
         pipe = tiny.build(family)
         cls = adapter_class(type(pipe).__name__)
     else:
@@ -142,7 +150,9 @@ def load_pipeline(
         try:
             pipe = cls.pipeline_class.from_pretrained(path_or_id, **load_kwargs)
         except (OSError, ValueError) as error:
-            raise ModelNotFoundError(f"could not load the {index.get('_class_name')} at {path_or_id!r}: {error}") from error
+            raise ModelNotFoundError(
+                f"could not load the {index.get('_class_name')} at {path_or_id!r}: {error}"
+            ) from error
     adapter = cls.from_pipeline(pipe, model_id=path_or_id, **options)
     if lora is not None:
         adapter.load_lora(lora)

@@ -55,8 +55,10 @@ class Schedule:
     def __post_init__(self) -> None:
         n = self.timesteps.shape[0]
         if self.alphas.shape != (n + 1,) or self.sigmas.shape != (n + 1,):
-            raise ValueError(f"Schedule needs N timesteps and N+1 alphas/sigmas, got {n}, "
-                             f"{tuple(self.alphas.shape)}, {tuple(self.sigmas.shape)}")
+            raise ValueError(
+                f"Schedule needs N timesteps and N+1 alphas/sigmas, got {n}, "
+                f"{tuple(self.alphas.shape)}, {tuple(self.sigmas.shape)}"
+            )
 
     @property
     def num_steps(self) -> int:
@@ -73,7 +75,9 @@ def stateless_scheduler(scheduler: Any, kind: Literal["flow", "diffusion"]) -> A
         logger.warning(
             "The checkpoint's scheduler is %s; vialign's samplers reproduce %s, so it samples with %s "
             "built from the same config (same training schedule, spacing and prediction type).",
-            type(scheduler).__name__, ", ".join(c.__name__ for c in supported), replacement.__name__,
+            type(scheduler).__name__,
+            ", ".join(c.__name__ for c in supported),
+            replacement.__name__,
         )
         fresh = replacement.from_config(scheduler.config)
     if kind == "flow" and fresh.config.get("stochastic_sampling", False):

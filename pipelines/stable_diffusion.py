@@ -30,7 +30,9 @@ class StableDiffusionAdapter(GeneratorAdapter):
 
     def __init__(self, components: dict[str, Any], **options: Any) -> None:
         if components["unet"].config.get("time_cond_proj_dim") is not None:
-            raise PipelineInputError("guidance-distilled (LCM-style) UNets with time_cond_proj_dim are not supported")
+            raise PipelineInputError(
+                "guidance-distilled (LCM-style) UNets with time_cond_proj_dim are not supported"
+            )
         super().__init__(components, **options)
 
     def _encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
@@ -43,5 +45,7 @@ class StableDiffusionAdapter(GeneratorAdapter):
             hidden = text_encoder.text_model.final_layer_norm(states[-(self.clip_skip + 1)])
         return PromptEmbeds({"hidden_states": hidden.to(self.dtype)})
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, guidance: Guidance) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, guidance: Guidance
+    ) -> torch.Tensor:
         return self.denoiser(x, t, encoder_hidden_states=embeds.hidden_states, return_dict=False)[0]

@@ -18,11 +18,21 @@ from pipelines.adapter import GeneratorAdapter, Guidance
 from pipelines.embeds import PromptEmbeds
 
 # Attention projections of both streams (the targets Flow-GRPO and diffusers' SD3 LoRA script use).
-MMDIT_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                      "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+MMDIT_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
 
 
-def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
+def calculate_shift(
+    image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float
+) -> float:
     """``mu`` of the resolution-dependent time shift: linear in the number of image tokens (SD3.5, FLUX)."""
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return image_seq_len * slope + base_shift - slope * base_seq_len
@@ -46,14 +56,22 @@ class StableDiffusion3Adapter(GeneratorAdapter):
         hidden, pooled = [], []
         clip_length = self.components["tokenizer"].model_max_length
         for suffix in ("", "_2"):
-            tokenizer, text_encoder = self.components[f"tokenizer{suffix}"], self.components[f"text_encoder{suffix}"]
+            tokenizer, text_encoder = (
+                self.components[f"tokenizer{suffix}"],
+                self.components[f"text_encoder{suffix}"],
+            )
             out = text_encoder(self._tokenize(tokenizer, prompts, clip_length), output_hidden_states=True)
             pooled.append(out[0])
             hidden.append(out.hidden_states[-((self.clip_skip or 0) + 2)])
         t5 = self._t5_embeds(prompts)
         clip = torch.cat(hidden, dim=-1).to(self.dtype)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return PromptEmbeds({"hidden_states": torch.cat([clip, t5], dim=-2), "pooled": torch.cat(pooled, dim=-1).to(self.dtype)})
+        return PromptEmbeds(
+            {
+                "hidden_states": torch.cat([clip, t5], dim=-2),
+                "pooled": torch.cat(pooled, dim=-1).to(self.dtype),
+            }
+        )
 
     def _t5_embeds(self, prompts: list[str]) -> torch.Tensor:
         length = self.max_sequence_length or self.default_max_sequence_length
@@ -69,10 +87,22 @@ class StableDiffusion3Adapter(GeneratorAdapter):
             return {}
         patch = self.denoiser.config.patch_size
         tokens = (height // self.vae_scale_factor // patch) * (width // self.vae_scale_factor // patch)
-        mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                             config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+        mu = calculate_shift(
+            tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.16),
+        )
         return {"mu": mu}
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, guidance: Guidance) -> torch.Tensor:
-        return self.denoiser(hidden_states=x, timestep=t, encoder_hidden_states=embeds.hidden_states,
-                             pooled_projections=embeds.pooled, return_dict=False)[0]
+    def _forward(
+        self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, guidance: Guidance
+    ) -> torch.Tensor:
+        return self.denoiser(
+            hidden_states=x,
+            timestep=t,
+            encoder_hidden_states=embeds.hidden_states,
+            pooled_projections=embeds.pooled,
+            return_dict=False,
+        )[0]

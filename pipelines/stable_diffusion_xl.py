@@ -28,23 +28,37 @@ class StableDiffusionXLAdapter(GeneratorAdapter):
     def _encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         hidden, pooled = [], None
         for suffix in ("", "_2"):
-            tokenizer, text_encoder = self.components[f"tokenizer{suffix}"], self.components[f"text_encoder{suffix}"]
+            tokenizer, text_encoder = (
+                self.components[f"tokenizer{suffix}"],
+                self.components[f"text_encoder{suffix}"],
+            )
             ids = self._tokenize(tokenizer, prompts, tokenizer.model_max_length)
             out = text_encoder(ids, output_hidden_states=True)
-            if pooled is None and out[0].ndim == 2:  # the projected (pooled) embedding of the encoder that has one
+            if (
+                pooled is None and out[0].ndim == 2
+            ):  # the projected (pooled) embedding of the encoder that has one
                 pooled = out[0]
             hidden.append(out.hidden_states[-((self.clip_skip or 0) + 2)])
-        return PromptEmbeds({"hidden_states": torch.cat(hidden, dim=-1).to(self.dtype), "pooled": pooled.to(self.dtype)})
+        return PromptEmbeds(
+            {"hidden_states": torch.cat(hidden, dim=-1).to(self.dtype), "pooled": pooled.to(self.dtype)}
+        )
 
     def uncond_embeds(self, batch_size: int, negative_prompt: str | None = None) -> PromptEmbeds:
         if negative_prompt is None and self.pipeline_config.get("force_zeros_for_empty_prompt", True):
             like = self.encode_prompt([""])
-            return PromptEmbeds({n: torch.zeros_like(t).expand(batch_size, *t.shape[1:]) for n, t in like.items()})
+            return PromptEmbeds(
+                {n: torch.zeros_like(t).expand(batch_size, *t.shape[1:]) for n, t in like.items()}
+            )
         return super().uncond_embeds(batch_size, negative_prompt)
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, guidance: Guidance) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, guidance: Guidance
+    ) -> torch.Tensor:
         height, width = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=x.device, dtype=embeds.hidden_states.dtype)
+        time_ids = torch.tensor(
+            [[height, width, 0, 0, height, width]], device=x.device, dtype=embeds.hidden_states.dtype
+        )
         added = {"text_embeds": embeds.pooled, "time_ids": time_ids.expand(x.shape[0], -1)}
-        return self.denoiser(x, t, encoder_hidden_states=embeds.hidden_states, added_cond_kwargs=added,
-                             return_dict=False)[0]
+        return self.denoiser(
+            x, t, encoder_hidden_states=embeds.hidden_states, added_cond_kwargs=added, return_dict=False
+        )[0]

@@ -24,11 +24,27 @@ FAMILIES = ("sd", "sd-v", "sd-euler", "sdxl", "sd3", "flux")
 TINY_IMAGE_SIZE = 64  # pixels; latents are 8 x 8 with the x8 VAE below
 
 # SD 1.5's scheduler config (scheduler_config.json of runwayml/stable-diffusion-v1-5, as DDIM).
-SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    timestep_spacing="leading",
+)
 # SDXL base's EulerDiscreteScheduler config.
-SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      steps_offset=1, timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False)
+SDXL_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    timestep_spacing="leading",
+    interpolation_type="linear",
+    use_karras_sigmas=False,
+)
 
 
 @lru_cache(maxsize=4)
@@ -75,9 +91,17 @@ def _clip_text_config(hidden: int = 32, projection: int = 32, vocab_size: int = 
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-        hidden_size=hidden, intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4,
-        num_hidden_layers=2, vocab_size=vocab_size, max_position_embeddings=77, projection_dim=projection,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        hidden_size=hidden,
+        intermediate_size=37,
+        layer_norm_eps=1e-5,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        projection_dim=projection,
         hidden_act="gelu",
     )
 
@@ -85,8 +109,18 @@ def _clip_text_config(hidden: int = 32, projection: int = 32, vocab_size: int = 
 def _t5_encoder(d_model: int, vocab_size: int) -> Any:
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                      relative_attention_num_buckets=8, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
     return T5EncoderModel(config)
 
 
@@ -94,17 +128,29 @@ def _vae(latent_channels: int = 4, **config: Any) -> Any:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=TINY_IMAGE_SIZE,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=TINY_IMAGE_SIZE,
         **config,
     )
 
 
 def tiny_components(family: str, seed: int = 0) -> dict[str, Any]:
     """The components of a tiny ``family`` pipeline (seeded random weights, eval mode)."""
-    from diffusers import (DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
-                           FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel)
+    from diffusers import (
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if family not in FAMILIES:
@@ -113,9 +159,16 @@ def tiny_components(family: str, seed: int = 0) -> dict[str, Any]:
     torch.manual_seed(seed)
     if family in ("sd", "sd-v", "sd-euler"):
         unet = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=1, sample_size=latent, in_channels=4, out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            sample_size=latent,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
         )
         vae = _vae(scaling_factor=0.18215)
         text_encoder = CLIPTextModel(_clip_text_config())
@@ -124,54 +177,112 @@ def tiny_components(family: str, seed: int = 0) -> dict[str, Any]:
             scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER, prediction_type=prediction)
         else:
             scheduler = DDIMScheduler(**SD_SCHEDULER, prediction_type=prediction)
-        components = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=scheduler,
-                          safety_checker=None, feature_extractor=None, image_encoder=None)
+        components = dict(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=clip_tokenizer(),
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            image_encoder=None,
+        )
     elif family == "sdxl":
         unet = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=1, sample_size=latent, in_channels=4, out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            sample_size=latent,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
             projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids x 8 + text_encoder_2 projection
-            cross_attention_dim=64, norm_num_groups=8,
+            cross_attention_dim=64,
+            norm_num_groups=8,
         )
         vae = _vae(scaling_factor=0.13025)
         components = dict(
-            unet=unet, vae=vae, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
-            text_encoder=CLIPTextModel(_clip_text_config()), tokenizer=clip_tokenizer(),
-            text_encoder_2=CLIPTextModelWithProjection(_clip_text_config()), tokenizer_2=clip_tokenizer(),
-            image_encoder=None, feature_extractor=None,
+            unet=unet,
+            vae=vae,
+            scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+            text_encoder=CLIPTextModel(_clip_text_config()),
+            tokenizer=clip_tokenizer(),
+            text_encoder_2=CLIPTextModelWithProjection(_clip_text_config()),
+            tokenizer_2=clip_tokenizer(),
+            image_encoder=None,
+            feature_extractor=None,
         )
     elif family == "sd3":
         transformer = SD3Transformer2DModel(
-            sample_size=latent, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-            caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64, out_channels=4,
+            sample_size=latent,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_projection_dim=32,
+            joint_attention_dim=64,
+            pooled_projection_dim=64,
+            out_channels=4,
             pos_embed_max_size=32,
         )
-        vae = _vae(scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+        vae = _vae(
+            scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False
+        )
         t5_tok = t5_tokenizer()
         components = dict(
-            transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            text_encoder=CLIPTextModelWithProjection(_clip_text_config()), tokenizer=clip_tokenizer(),
-            text_encoder_2=CLIPTextModelWithProjection(_clip_text_config()), tokenizer_2=clip_tokenizer(),
-            text_encoder_3=_t5_encoder(64, len(t5_tok)), tokenizer_3=t5_tok,
-            image_encoder=None, feature_extractor=None,
+            transformer=transformer,
+            vae=vae,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            text_encoder=CLIPTextModelWithProjection(_clip_text_config()),
+            tokenizer=clip_tokenizer(),
+            text_encoder_2=CLIPTextModelWithProjection(_clip_text_config()),
+            tokenizer_2=clip_tokenizer(),
+            text_encoder_3=_t5_encoder(64, len(t5_tok)),
+            tokenizer_3=t5_tok,
+            image_encoder=None,
+            feature_extractor=None,
         )
     else:  # flux
         transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
             axes_dims_rope=(4, 4, 8),
         )
-        vae = _vae(scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+        vae = _vae(
+            scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
+        )
         t5_tok = t5_tokenizer()
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
         components = dict(
-            transformer=transformer, vae=vae, scheduler=scheduler,
-            text_encoder=CLIPTextModel(_clip_text_config()), tokenizer=clip_tokenizer(),
-            text_encoder_2=_t5_encoder(32, len(t5_tok)), tokenizer_2=t5_tok,
-            image_encoder=None, feature_extractor=None,
+            transformer=transformer,
+            vae=vae,
+            scheduler=scheduler,
+            text_encoder=CLIPTextModel(_clip_text_config()),
+            tokenizer=clip_tokenizer(),
+            text_encoder_2=_t5_encoder(32, len(t5_tok)),
+            tokenizer_2=t5_tok,
+            image_encoder=None,
+            feature_extractor=None,
         )
     for component in components.values():
         if isinstance(component, torch.nn.Module):
@@ -180,10 +291,21 @@ def tiny_components(family: str, seed: int = 0) -> dict[str, Any]:
 
 
 def pipeline_class(family: str) -> type:
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        FluxPipeline,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
-    return {"sd": StableDiffusionPipeline, "sd-v": StableDiffusionPipeline, "sd-euler": StableDiffusionPipeline,
-            "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[family]
+    return {
+        "sd": StableDiffusionPipeline,
+        "sd-v": StableDiffusionPipeline,
+        "sd-euler": StableDiffusionPipeline,
+        "sdxl": StableDiffusionXLPipeline,
+        "sd3": StableDiffusion3Pipeline,
+        "flux": FluxPipeline,
+    }[family]
 
 
 def build(family: str, seed: int = 0) -> Any:

@@ -33,8 +33,14 @@ def test_lora_saved_by_vialign_loads_in_stock_diffusers(tiny_dir, tmp_path, quie
     seeds = [SEED + i for i in range(len(PROMPTS))]
 
     def sample() -> np.ndarray:
-        pixels = torch.cat([p for _, p in generate_images(adapter, PROMPTS, seeds, num_steps=STEPS, height=SIZE,
-                                                          width=SIZE, guidance=guidance)])
+        pixels = torch.cat(
+            [
+                p
+                for _, p in generate_images(
+                    adapter, PROMPTS, seeds, num_steps=STEPS, height=SIZE, width=SIZE, guidance=guidance
+                )
+            ]
+        )
         return to_uint8(pixels).astype(np.int16)
 
     base = sample()
@@ -53,13 +59,36 @@ def test_lora_saved_by_vialign_loads_in_stock_diffusers(tiny_dir, tmp_path, quie
     stock.set_progress_bar_config(disable=True)
     stock.load_lora_weights(str(lora_dir))
     for i, prompt in enumerate(PROMPTS):
-        image = stock(prompt, num_inference_steps=STEPS, guidance_scale=4.0, height=SIZE, width=SIZE,
-                      generator=torch.Generator("cpu").manual_seed(seeds[i])).images[0]
+        image = stock(
+            prompt,
+            num_inference_steps=STEPS,
+            guidance_scale=4.0,
+            height=SIZE,
+            width=SIZE,
+            generator=torch.Generator("cpu").manual_seed(seeds[i]),
+        ).images[0]
         assert np.abs(np.asarray(image, dtype=np.int16) - with_lora[i]).max() <= 1
 
     out = tmp_path / "cli"
-    argv = ["sample", "--model", folder, "--lora", str(lora_dir), "--out", str(out), "--num-steps", str(STEPS),
-            "--seed", str(SEED), "--guidance-scale", "4.0", "--height", str(SIZE), "--width", str(SIZE)]
+    argv = [
+        "sample",
+        "--model",
+        folder,
+        "--lora",
+        str(lora_dir),
+        "--out",
+        str(out),
+        "--num-steps",
+        str(STEPS),
+        "--seed",
+        str(SEED),
+        "--guidance-scale",
+        "4.0",
+        "--height",
+        str(SIZE),
+        "--width",
+        str(SIZE),
+    ]
     for prompt in PROMPTS:
         argv += ["--prompt", prompt]
     assert main(argv) == 0

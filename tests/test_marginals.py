@@ -21,8 +21,8 @@ import math
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from pipelines.schedules import Schedule, schedule_from_scheduler
 
+from pipelines.schedules import Schedule, schedule_from_scheduler
 from vialign.sampling import Sampler, sampler_step
 
 DATA_MEAN, DATA_STD = 0.8, 0.5
@@ -38,8 +38,14 @@ def flow_schedule(num_steps: int, shift: float = 3.0) -> Schedule:
 
 
 def ddim_schedule(num_steps: int) -> Schedule:
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=True, steps_offset=1)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=1,
+    )
     return schedule_from_scheduler(scheduler, num_steps)
 
 
@@ -48,7 +54,9 @@ def run_chain(schedule: Schedule, sampler: Sampler, data_std: float = DATA_STD) 
     prediction_type = "flow" if schedule.kind == "flow" else "epsilon"
     generator = torch.Generator().manual_seed(1234)
     alpha, sigma = float(schedule.alphas[0]), float(schedule.sigmas[0])
-    x = alpha * DATA_MEAN + math.sqrt(alpha**2 * data_std**2 + sigma**2) * torch.randn(SAMPLES, DIMS, generator=generator)
+    x = alpha * DATA_MEAN + math.sqrt(alpha**2 * data_std**2 + sigma**2) * torch.randn(
+        SAMPLES, DIMS, generator=generator
+    )
     states, stochastic = [x], sampler.stochastic_steps(schedule.num_steps)
     for k in range(schedule.num_steps):
         alpha, sigma = float(schedule.alphas[k]), float(schedule.sigmas[k])
@@ -56,8 +64,16 @@ def run_chain(schedule: Schedule, sampler: Sampler, data_std: float = DATA_STD) 
         x0 = DATA_MEAN + alpha * data_std**2 * (x - alpha * DATA_MEAN) / variance
         eps = sigma * (x - alpha * DATA_MEAN) / variance
         output = eps - x0 if prediction_type == "flow" else eps
-        x = sampler_step(sampler, schedule, k, x, output, prediction_type, stochastic=bool(stochastic[k]),
-                         generator=generator).x_next
+        x = sampler_step(
+            sampler,
+            schedule,
+            k,
+            x,
+            output,
+            prediction_type,
+            stochastic=bool(stochastic[k]),
+            generator=generator,
+        ).x_next
         states.append(x)
     return states
 
@@ -66,9 +82,12 @@ def assert_matches(sample: torch.Tensor, mean: float, variance: float, what: str
     """|mean - m| and |var - v| within MC_SIGMAS standard errors of a Gaussian sample of this size."""
     n = sample.numel()
     se_mean, se_var = math.sqrt(variance / n), variance * math.sqrt(2 / (n - 1))
-    assert abs(sample.mean().item() - mean) < MC_SIGMAS * se_mean + 1e-5, f"{what}: mean {sample.mean():.4f} vs {mean:.4f}"
-    assert abs(sample.var().item() - variance) < MC_SIGMAS * se_var + 1e-5, \
+    assert abs(sample.mean().item() - mean) < MC_SIGMAS * se_mean + 1e-5, (
+        f"{what}: mean {sample.mean():.4f} vs {mean:.4f}"
+    )
+    assert abs(sample.var().item() - variance) < MC_SIGMAS * se_var + 1e-5, (
         f"{what}: variance {sample.var():.4f} vs {variance:.4f}"
+    )
 
 
 def assert_same_distribution(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
@@ -76,13 +95,23 @@ def assert_same_distribution(a: torch.Tensor, b: torch.Tensor, what: str) -> Non
     n = a.numel()
     se_mean = math.sqrt((a.var().item() + b.var().item()) / n)
     se_var = math.sqrt(2 / (n - 1)) * math.hypot(a.var().item(), b.var().item())
-    assert abs(a.mean().item() - b.mean().item()) < MC_SIGMAS * se_mean, f"{what}: means {a.mean():.4f} vs {b.mean():.4f}"
-    assert abs(a.var().item() - b.var().item()) < MC_SIGMAS * se_var, f"{what}: variances {a.var():.4f} vs {b.var():.4f}"
+    assert abs(a.mean().item() - b.mean().item()) < MC_SIGMAS * se_mean, (
+        f"{what}: means {a.mean():.4f} vs {b.mean():.4f}"
+    )
+    assert abs(a.var().item() - b.var().item()) < MC_SIGMAS * se_var, (
+        f"{what}: variances {a.var():.4f} vs {b.var():.4f}"
+    )
 
 
-@pytest.mark.parametrize("sampler", [Sampler(sde="flow-sde"), Sampler(sde="dance-sde"),
-                                     Sampler(sde="flow-sde", noise_level=0.9, sde_window=(20, 120))],
-                         ids=["flow-sde", "dance-sde", "flow-sde-window"])
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        Sampler(sde="flow-sde"),
+        Sampler(sde="dance-sde"),
+        Sampler(sde="flow-sde", noise_level=0.9, sde_window=(20, 120)),
+    ],
+    ids=["flow-sde", "dance-sde", "flow-sde-window"],
+)
 def test_flow_sdes_end_at_the_ode_marginals(sampler):
     schedule = flow_schedule(200)
     ode = run_chain(schedule, Sampler())[-1].flatten()
@@ -92,12 +121,16 @@ def test_flow_sdes_end_at_the_ode_marginals(sampler):
     assert_same_distribution(sde, ode, f"{sampler.sde} vs ODE")
 
 
-@pytest.mark.parametrize("schedule,sampler", [
-    (flow_schedule(10), Sampler(sde="cps")),
-    (flow_schedule(10), Sampler(sde="cps", noise_level=0.3)),
-    (ddim_schedule(10), Sampler(sde="ddim", noise_level=1.0)),
-    (ddim_schedule(10), Sampler(sde="ddim", noise_level=0.5)),
-], ids=["cps-0.7", "cps-0.3", "ddim-eta-1", "ddim-eta-0.5"])
+@pytest.mark.parametrize(
+    "schedule,sampler",
+    [
+        (flow_schedule(10), Sampler(sde="cps")),
+        (flow_schedule(10), Sampler(sde="cps", noise_level=0.3)),
+        (ddim_schedule(10), Sampler(sde="ddim", noise_level=1.0)),
+        (ddim_schedule(10), Sampler(sde="ddim", noise_level=0.5)),
+    ],
+    ids=["cps-0.7", "cps-0.3", "ddim-eta-1", "ddim-eta-0.5"],
+)
 def test_coefficient_preserving_steps_are_exact_at_every_step(schedule, sampler):
     states = run_chain(schedule, sampler, data_std=0.0)
     for k, x in enumerate(states):

@@ -23,16 +23,42 @@ def stock_images(pipe, guidance_scale: float, **kwargs) -> list[np.ndarray]:
     pipe.set_progress_bar_config(disable=True)
     images = []
     for i, prompt in enumerate(PROMPTS):
-        out = pipe(prompt, num_inference_steps=STEPS, guidance_scale=guidance_scale, height=SIZE, width=SIZE,
-                   generator=torch.Generator("cpu").manual_seed(SEED + i), **kwargs)
+        out = pipe(
+            prompt,
+            num_inference_steps=STEPS,
+            guidance_scale=guidance_scale,
+            height=SIZE,
+            width=SIZE,
+            generator=torch.Generator("cpu").manual_seed(SEED + i),
+            **kwargs,
+        )
         images.append(np.asarray(out.images[0], dtype=np.int16))
     return images
 
 
 def vialign_images(folder: str, out, guidance_scale: float, *extra: str) -> list[np.ndarray]:
-    argv = ["sample", "--model", folder, "--out", str(out), "--num-steps", str(STEPS), "--seed", str(SEED),
-            "--guidance-scale", str(guidance_scale), "--height", str(SIZE), "--width", str(SIZE),
-            "--sampler", "ode", "--batch-size", "2", *extra]
+    argv = [
+        "sample",
+        "--model",
+        folder,
+        "--out",
+        str(out),
+        "--num-steps",
+        str(STEPS),
+        "--seed",
+        str(SEED),
+        "--guidance-scale",
+        str(guidance_scale),
+        "--height",
+        str(SIZE),
+        "--width",
+        str(SIZE),
+        "--sampler",
+        "ode",
+        "--batch-size",
+        "2",
+        *extra,
+    ]
     for prompt in PROMPTS:
         argv += ["--prompt", prompt]
     assert main(argv) == 0
@@ -48,9 +74,18 @@ def assert_parity(ours: list[np.ndarray], theirs: list[np.ndarray]) -> None:
     assert np.abs(ours[0] - ours[1]).max() > 10  # the two prompts/seeds give different images
 
 
-@pytest.mark.parametrize("family,guidance_scale", [
-    ("sd", 5.0), ("sd-v", 5.0), ("sd-euler", 5.0), ("sdxl", 5.0), ("sd3", 4.0), ("flux", 3.5),
-], ids=["sd-ddim-eps", "sd-ddim-v", "sd-euler", "sdxl-euler", "sd3-flowmatch", "flux-flowmatch"])
+@pytest.mark.parametrize(
+    "family,guidance_scale",
+    [
+        ("sd", 5.0),
+        ("sd-v", 5.0),
+        ("sd-euler", 5.0),
+        ("sdxl", 5.0),
+        ("sd3", 4.0),
+        ("flux", 3.5),
+    ],
+    ids=["sd-ddim-eps", "sd-ddim-v", "sd-euler", "sdxl-euler", "sd3-flowmatch", "flux-flowmatch"],
+)
 def test_ode_sampling_reproduces_stock_diffusers(tiny_dir, tmp_path, quiet_libraries, family, guidance_scale):
     folder = tiny_dir(family)
     ours = vialign_images(folder, tmp_path / "out", guidance_scale)
@@ -67,7 +102,9 @@ def test_sd3_without_t5_reproduces_stock_diffusers(tiny_dir, tmp_path, quiet_lib
 
 def test_flux_true_cfg_with_negative_prompt_reproduces_stock_diffusers(tiny_dir, tmp_path, quiet_libraries):
     folder = tiny_dir("flux")
-    ours = vialign_images(folder, tmp_path / "out", 3.5, "--true-cfg-scale", "2.0", "--negative-prompt", "blurry")
+    ours = vialign_images(
+        folder, tmp_path / "out", 3.5, "--true-cfg-scale", "2.0", "--negative-prompt", "blurry"
+    )
     stock = tiny.pipeline_class("flux").from_pretrained(folder)
     assert_parity(ours, stock_images(stock, 3.5, true_cfg_scale=2.0, negative_prompt="blurry"))
 

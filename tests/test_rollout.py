@@ -25,25 +25,50 @@ def adapters():
     return get
 
 
-def _rollout(adapter, sampler, *, num_steps=4, guidance_scale=3.0, model_batch_size=None, grad_steps=0, checkpoint=True,
-             prompts=PROMPTS, seed=0):
+def _rollout(
+    adapter,
+    sampler,
+    *,
+    num_steps=4,
+    guidance_scale=3.0,
+    model_batch_size=None,
+    grad_steps=0,
+    checkpoint=True,
+    prompts=PROMPTS,
+    seed=0,
+):
     schedule = adapter.schedule(num_steps, SIZE, SIZE)
     guidance = adapter.make_guidance(guidance_scale)
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
     cond = adapter.encode_prompt(prompts)
     uncond = adapter.uncond_embeds(len(prompts)) if guidance.uses_uncond else None
     latents = adapter.initial_latents(generators, len(prompts), SIZE, SIZE, schedule)
-    return rollout(adapter, cond, latents, schedule, sampler=sampler, guidance=guidance, uncond=uncond,
-                   generator=generators, model_batch_size=model_batch_size, grad_steps=grad_steps, checkpoint=checkpoint)
+    return rollout(
+        adapter,
+        cond,
+        latents,
+        schedule,
+        sampler=sampler,
+        guidance=guidance,
+        uncond=uncond,
+        generator=generators,
+        model_batch_size=model_batch_size,
+        grad_steps=grad_steps,
+        checkpoint=checkpoint,
+    )
 
 
-@pytest.mark.parametrize("model,sampler", [
-    ("tiny-sd3", Sampler(sde="flow-sde")),
-    ("tiny-sd3", Sampler(sde="dance-sde")),
-    ("tiny-flux", Sampler(sde="cps", sde_window=(0, 3))),
-    ("tiny-sd", Sampler(sde="ddim", noise_level=1.0)),
-    ("tiny-sdxl", Sampler(sde="ddim", noise_level=0.7, sde_window=(1, 3))),
-], ids=["sd3-flow-sde", "sd3-dance-sde", "flux-cps", "sd-ddim", "sdxl-ddim-window"])
+@pytest.mark.parametrize(
+    "model,sampler",
+    [
+        ("tiny-sd3", Sampler(sde="flow-sde")),
+        ("tiny-sd3", Sampler(sde="dance-sde")),
+        ("tiny-flux", Sampler(sde="cps", sde_window=(0, 3))),
+        ("tiny-sd", Sampler(sde="ddim", noise_level=1.0)),
+        ("tiny-sdxl", Sampler(sde="ddim", noise_level=0.7, sde_window=(1, 3))),
+    ],
+    ids=["sd3-flow-sde", "sd3-dance-sde", "flux-cps", "sd-ddim", "sdxl-ddim-window"],
+)
 def test_rescoring_a_trajectory_gives_ratio_exactly_one_in_any_micro_batch(adapters, model, sampler):
     adapter = adapters(model)
     trajectory = _rollout(adapter, sampler, model_batch_size=2)
@@ -53,13 +78,20 @@ def test_rescoring_a_trajectory_gives_ratio_exactly_one_in_any_micro_batch(adapt
     assert torch.isfinite(recorded).all() and (recorded != 0).all()
     for micro_batch in (1, 2, 3, len(PROMPTS)):
         with torch.no_grad():
-            rescored = torch.cat([
-                trajectory_log_probs(adapter, trajectory.select(range(i, min(i + micro_batch, len(PROMPTS)))),
-                                     model_batch_size=2)
-                for i in range(0, len(PROMPTS), micro_batch)
-            ])
+            rescored = torch.cat(
+                [
+                    trajectory_log_probs(
+                        adapter,
+                        trajectory.select(range(i, min(i + micro_batch, len(PROMPTS)))),
+                        model_batch_size=2,
+                    )
+                    for i in range(0, len(PROMPTS), micro_batch)
+                ]
+            )
         ratio = torch.exp(rescored - recorded)
-        assert torch.equal(rescored, recorded), f"micro-batch {micro_batch}: max |ratio - 1| = {(ratio - 1).abs().max()}"
+        assert torch.equal(rescored, recorded), (
+            f"micro-batch {micro_batch}: max |ratio - 1| = {(ratio - 1).abs().max()}"
+        )
 
 
 def test_trajectory_records_every_state_and_matches_its_final(adapters):
@@ -84,15 +116,20 @@ def test_sde_samples_do_not_depend_on_the_batch(adapters):
 
 def _chain_gradients(adapter, sampler, checkpoint: bool, grad_steps: int) -> dict[str, torch.Tensor]:
     adapter.denoiser.zero_grad(set_to_none=True)
-    trajectory = _rollout(adapter, sampler, num_steps=5, grad_steps=grad_steps, checkpoint=checkpoint, prompts=PROMPTS[:2])
+    trajectory = _rollout(
+        adapter, sampler, num_steps=5, grad_steps=grad_steps, checkpoint=checkpoint, prompts=PROMPTS[:2]
+    )
     pixels = adapter.decode(trajectory.final, checkpoint=checkpoint)
     weights = torch.linspace(-1, 1, pixels.numel()).reshape(pixels.shape)  # a loss that touches every pixel
     (pixels * weights).sum().backward()
     return {n: p.grad.clone() for n, p in adapter.denoiser.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("model,sampler", [("tiny-sd", Sampler(sde="ddim", noise_level=1.0)),
-                                           ("tiny-sd3", Sampler(sde="flow-sde"))], ids=["unet", "flow"])
+@pytest.mark.parametrize(
+    "model,sampler",
+    [("tiny-sd", Sampler(sde="ddim", noise_level=1.0)), ("tiny-sd3", Sampler(sde="flow-sde"))],
+    ids=["unet", "flow"],
+)
 @pytest.mark.parametrize("grad_steps", [1, 5])
 def test_checkpointed_chain_gives_the_plain_chains_gradients(adapters, model, sampler, grad_steps):
     adapter = pipelines.load_pipeline(model, device="cpu")  # a fresh copy: this test trains the weights

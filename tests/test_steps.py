@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from vialign.sampling import cps_step, dance_sde_step, ddim_step, flow_ode_step, flow_sde_step, gaussian_log_prob
+from vialign.sampling import (
+    cps_step,
+    dance_sde_step,
+    ddim_step,
+    flow_ode_step,
+    flow_sde_step,
+    gaussian_log_prob,
+)
 
 SDE_STEPS = {
     "flow-sde": lambda x, v, s, sn, **kw: flow_sde_step(x, v, s, sn, noise_level=0.7, **kw),
@@ -57,7 +64,9 @@ def test_flow_sde_log_prob_is_exact_gaussian(kind, sigmas):
 def test_ddim_eta_log_prob_is_exact_gaussian(eta):
     x0, eps, noise = _inputs(2)
     ab, ab_next = 0.3, 0.55
-    out = ddim_step(x0, eps, ab**0.5, (1 - ab) ** 0.5, ab_next**0.5, (1 - ab_next) ** 0.5, eta=eta, noise=noise)
+    out = ddim_step(
+        x0, eps, ab**0.5, (1 - ab) ** 0.5, ab_next**0.5, (1 - ab_next) ** 0.5, eta=eta, noise=noise
+    )
     expected = Normal(out.mean, out.std).log_prob(out.x_next).flatten(1).sum(1)
     torch.testing.assert_close(out.log_prob, expected, rtol=1e-5, atol=0)
 
@@ -66,8 +75,16 @@ def test_ddim_eta_one_is_ddpm_posterior():
     """eta = 1: std^2 = (1 - ab') / (1 - ab) * (1 - ab / ab') (DDPM's beta tilde), mean by hand."""
     ab, ab_next = 0.3, 0.55
     x0, eps = torch.full((1, 2), 0.5), torch.full((1, 2), -1.0)
-    out = ddim_step(x0, eps, ab**0.5, (1 - ab) ** 0.5, ab_next**0.5, (1 - ab_next) ** 0.5, eta=1.0,
-                    noise=torch.zeros(1, 2))
+    out = ddim_step(
+        x0,
+        eps,
+        ab**0.5,
+        (1 - ab) ** 0.5,
+        ab_next**0.5,
+        (1 - ab_next) ** 0.5,
+        eta=1.0,
+        noise=torch.zeros(1, 2),
+    )
     variance = (1 - ab_next) / (1 - ab) * (1 - ab / ab_next)
     assert float(out.std) ** 2 == pytest.approx(variance, rel=1e-6)
     mean = ab_next**0.5 * 0.5 + math.sqrt(1 - ab_next - variance) * -1.0
@@ -77,14 +94,18 @@ def test_ddim_eta_one_is_ddpm_posterior():
 def test_flow_sde_mean_and_std_by_hand():
     """s = 0.5, s' = 0.25, a = 0.7, x = 1, v = 2: g^2 = 0.49 * 0.5 / 0.5 = 0.49; eps_hat = 1 + 0.5 * 2 = 2;
     mean = 1 + (2 + 0.49 / 1.0 * 2) * (-0.25) = 0.255; std = 0.7 * sqrt(0.25) = 0.35."""
-    out = flow_sde_step(torch.ones(1, 1), torch.full((1, 1), 2.0), 0.5, 0.25, noise_level=0.7, noise=torch.zeros(1, 1))
+    out = flow_sde_step(
+        torch.ones(1, 1), torch.full((1, 1), 2.0), 0.5, 0.25, noise_level=0.7, noise=torch.zeros(1, 1)
+    )
     assert out.mean.item() == pytest.approx(0.255, rel=1e-6)
     assert float(out.std) == pytest.approx(0.35, rel=1e-6)
 
 
 def test_flow_sde_at_sigma_one_uses_next_sigma():
     """At s = 1, g = a sqrt(1 / (1 - s')): s' = 0.9, a = 0.5 -> g = 0.5 sqrt(10); std = g sqrt(0.1) = 0.5."""
-    out = flow_sde_step(torch.zeros(1, 1), torch.zeros(1, 1), 1.0, 0.9, noise_level=0.5, noise=torch.zeros(1, 1))
+    out = flow_sde_step(
+        torch.zeros(1, 1), torch.zeros(1, 1), 1.0, 0.9, noise_level=0.5, noise=torch.zeros(1, 1)
+    )
     assert float(out.std) == pytest.approx(0.5, rel=1e-6)
     assert torch.isfinite(out.mean).all()
 
@@ -92,7 +113,9 @@ def test_flow_sde_at_sigma_one_uses_next_sigma():
 def test_cps_mean_and_std_by_hand():
     """s = 0.5, s' = 0.25, a = 0.5: std = 0.25 sin(pi / 4); x = 1, v = 2 -> x0 = 0, eps = 2;
     mean = 0.75 * 0 + sqrt(0.0625 - std^2) * 2."""
-    out = cps_step(torch.ones(1, 1), torch.full((1, 1), 2.0), 0.5, 0.25, noise_level=0.5, noise=torch.zeros(1, 1))
+    out = cps_step(
+        torch.ones(1, 1), torch.full((1, 1), 2.0), 0.5, 0.25, noise_level=0.5, noise=torch.zeros(1, 1)
+    )
     std = 0.25 * math.sin(math.pi / 4)
     assert float(out.std) == pytest.approx(std, rel=1e-6)
     assert out.mean.item() == pytest.approx(math.sqrt(0.0625 - std**2) * 2, rel=1e-6)
@@ -108,7 +131,9 @@ def test_zero_noise_sdes_reduce_to_the_ode():
     ab, ab_next = 0.3, 0.55
     ddim = ddim_step(x0, eps, ab**0.5, (1 - ab) ** 0.5, ab_next**0.5, (1 - ab_next) ** 0.5, eta=0.0)
     assert ddim.log_prob is None
-    torch.testing.assert_close(ddim.x_next, ab_next**0.5 * x0 + (1 - ab_next) ** 0.5 * eps, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        ddim.x_next, ab_next**0.5 * x0 + (1 - ab_next) ** 0.5 * eps, rtol=1e-6, atol=1e-6
+    )
 
 
 def test_ode_zero_interval_returns_input():
@@ -128,7 +153,9 @@ def test_per_sample_sigmas_match_scalar_steps():
     sigmas, nexts = torch.tensor([0.9, 0.5, 0.3]), torch.tensor([0.8, 0.4, 0.1])
     batched = flow_sde_step(x, v, sigmas, nexts, noise=noise)
     for i in range(3):
-        single = flow_sde_step(x[i : i + 1], v[i : i + 1], float(sigmas[i]), float(nexts[i]), noise=noise[i : i + 1])
+        single = flow_sde_step(
+            x[i : i + 1], v[i : i + 1], float(sigmas[i]), float(nexts[i]), noise=noise[i : i + 1]
+        )
         torch.testing.assert_close(batched.log_prob[i : i + 1], single.log_prob, rtol=1e-6, atol=0)
 
 

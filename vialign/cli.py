@@ -18,7 +18,6 @@ import sys
 from collections.abc import Sequence
 
 from pipelines.errors import PipelineInputError
-
 from vialign import __version__
 from vialign.errors import VialignInputError
 
@@ -47,22 +46,31 @@ SAMPLE_FLAGS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vialign", description="Align visual generative models with rewards.")
+    parser = argparse.ArgumentParser(
+        prog="vialign", description="Align visual generative models with rewards."
+    )
     parser.add_argument("--version", action="version", version=f"vialign {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
     sample = commands.add_parser(
-        "sample", help="generate images (PNG + samples.jsonl)",
+        "sample",
+        help="generate images (PNG + samples.jsonl)",
         description="Generate one PNG per prompt (image i uses seed S+i) and DIR/samples.jsonl. "
         "Any config key can also be set as key=value, e.g. sampler.num_steps=20.",
     )
     sample.add_argument("--config", help="YAML config (keys: see configs/sample_tiny.yaml)")
-    sample.add_argument("--model", help="diffusers folder, hub id, or built-in tiny-sd/-sdxl/-sd3/-flux (default tiny-sd3)")
+    sample.add_argument(
+        "--model", help="diffusers folder, hub id, or built-in tiny-sd/-sdxl/-sd3/-flux (default tiny-sd3)"
+    )
     sample.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    sample.add_argument("--prompts", metavar="FILE", help="text file with one prompt per line, or JSONL with 'prompt'")
+    sample.add_argument(
+        "--prompts", metavar="FILE", help="text file with one prompt per line, or JSONL with 'prompt'"
+    )
     sample.add_argument("--num-steps", help="denoising steps (default 20)")
-    sample.add_argument("--guidance-scale", help="the stock pipeline's guidance_scale (default: the pipeline's)")
+    sample.add_argument(
+        "--guidance-scale", help="the stock pipeline's guidance_scale (default: the pipeline's)"
+    )
     sample.add_argument("--true-cfg-scale", help="FLUX only: true classifier-free guidance scale")
     sample.add_argument("--negative-prompt", help="negative prompt")
     sample.add_argument("--height", help="image height in pixels (default: the model's)")
@@ -76,12 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
     sample.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     sample.add_argument("--lora", help="folder with diffusers-format LoRA weights")
-    sample.add_argument("--overwrite", action="store_const", const=True, help="replace an existing samples.jsonl in DIR")
+    sample.add_argument(
+        "--overwrite", action="store_const", const=True, help="replace an existing samples.jsonl in DIR"
+    )
     return parser
 
 
 def _flag_values(args: argparse.Namespace, flags: dict[str, tuple[str, str]]) -> dict[str, object]:
-    return {key: getattr(args, dest) for dest, (key, _) in flags.items() if getattr(args, dest, None) is not None}
+    return {
+        key: getattr(args, dest) for dest, (key, _) in flags.items() if getattr(args, dest, None) is not None
+    }
 
 
 def _quiet_libraries() -> None:
@@ -99,12 +111,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from vialign.config import SampleConfig, load_config
     from vialign.sample import run_sample
 
-    config = load_config(SampleConfig, args.config, args.overrides, _flag_values(args, SAMPLE_FLAGS),
-                         flags={key: flag for key, flag in SAMPLE_FLAGS.values()})
+    config = load_config(
+        SampleConfig,
+        args.config,
+        args.overrides,
+        _flag_values(args, SAMPLE_FLAGS),
+        flags={key: flag for key, flag in SAMPLE_FLAGS.values()},
+    )
     _quiet_libraries()
     report = run_sample(config, progress=True)
-    print(f"wrote {len(report.files)} images ({report.width}x{report.height}) and "
-          f"{report.out / 'samples.jsonl'}")
+    print(
+        f"wrote {len(report.files)} images ({report.width}x{report.height}) and "
+        f"{report.out / 'samples.jsonl'}"
+    )
     return 0
 
 

@@ -32,14 +32,22 @@ class StrictModel(BaseModel):
 class ModelConfig(StrictModel):
     """Which generator to load, and where."""
 
-    path: str = Field("tiny-sd3", description="diffusers pipeline folder, Hugging Face hub id, or built-in tiny-* model")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="compute dtype of denoiser and text encoders")
+    path: str = Field(
+        "tiny-sd3", description="diffusers pipeline folder, Hugging Face hub id, or built-in tiny-* model"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="compute dtype of denoiser and text encoders"
+    )
     device: str = Field("auto", description="auto (CUDA if available), cpu, cuda or cuda:N")
     attention: Literal["auto", "sdpa", "xformers"] = Field("auto", description="attention backend")
     lora: str | None = Field(None, description="folder of diffusers-format LoRA weights to load")
     use_t5: bool = Field(True, description="SD3: load the T5 text encoder (false: zeros in its place)")
-    max_sequence_length: int | None = Field(None, ge=1, le=4096, description="T5 tokens (SD3 default 256, FLUX 512)")
-    clip_skip: int | None = Field(None, ge=1, le=12, description="use an earlier CLIP layer, as diffusers' clip_skip")
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=4096, description="T5 tokens (SD3 default 256, FLUX 512)"
+    )
+    clip_skip: int | None = Field(
+        None, ge=1, le=12, description="use an earlier CLIP layer, as diffusers' clip_skip"
+    )
 
     @field_validator("device")
     @classmethod
@@ -53,15 +61,28 @@ class ModelConfig(StrictModel):
 class SamplerConfig(StrictModel):
     """How images are sampled."""
 
-    kind: Literal["ode", "sde"] = Field("ode", description="ode: deterministic (reproduces stock diffusers); sde: stochastic")
+    kind: Literal["ode", "sde"] = Field(
+        "ode", description="ode: deterministic (reproduces stock diffusers); sde: stochastic"
+    )
     sde_kind: Literal["ddim", "flow-sde", "dance-sde", "cps"] | None = Field(
-        None, description="SDE for kind=sde: ddim (UNet models), flow-sde, dance-sde or cps (flow models); "
-        "default ddim for UNet models, flow-sde for flow models")
-    noise_level: float | None = Field(None, ge=0, le=10, description="eta (ddim, dance-sde) or a (flow-sde, cps); default per SDE")
-    sde_window: tuple[int, int] | None = Field(None, description="[start, stop) of the stochastic steps; default all")
+        None,
+        description="SDE for kind=sde: ddim (UNet models), flow-sde, dance-sde or cps (flow models); "
+        "default ddim for UNet models, flow-sde for flow models",
+    )
+    noise_level: float | None = Field(
+        None, ge=0, le=10, description="eta (ddim, dance-sde) or a (flow-sde, cps); default per SDE"
+    )
+    sde_window: tuple[int, int] | None = Field(
+        None, description="[start, stop) of the stochastic steps; default all"
+    )
     num_steps: int = Field(20, ge=1, le=1000, description="denoising steps")
-    guidance_scale: float | None = Field(None, ge=0, le=100, description="the stock pipeline's guidance_scale "
-                                         "(CFG; FLUX: the guidance embedding); default the pipeline's")
+    guidance_scale: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="the stock pipeline's guidance_scale "
+        "(CFG; FLUX: the guidance embedding); default the pipeline's",
+    )
     true_cfg_scale: float = Field(1.0, ge=0, le=100, description="FLUX only: true classifier-free guidance")
     negative_prompt: str | None = Field(None, description="negative prompt for the unconditional branch")
 
@@ -79,7 +100,9 @@ class SampleConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     prompts: list[str] = Field(default_factory=list, description="prompts; image i uses seed + i")
-    prompts_file: str | None = Field(None, description="text file with one prompt per line (or JSONL with a 'prompt' field)")
+    prompts_file: str | None = Field(
+        None, description="text file with one prompt per line (or JSONL with a 'prompt' field)"
+    )
     height: int | None = Field(None, ge=8, le=8192, description="image height in pixels; default the model's")
     width: int | None = Field(None, ge=8, le=8192, description="image width in pixels; default the model's")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of the first image")
@@ -104,7 +127,9 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of keys to values at the top level, not a {type(data).__name__}")
+        raise ConfigError(
+            f"{path} must hold a mapping of keys to values at the top level, not a {type(data).__name__}"
+        )
     return data
 
 
@@ -138,15 +163,20 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 def _allowed_keys(schema: type[BaseModel], loc: Sequence[Any]) -> list[str]:
     model: Any = schema
     for part in loc[:-1]:
-        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        field = (
+            model.model_fields.get(str(part))
+            if isinstance(model, type) and issubclass(model, BaseModel)
+            else None
+        )
         model = field.annotation if field is not None else None
     if isinstance(model, type) and issubclass(model, BaseModel):
         return sorted(model.model_fields)
     return []
 
 
-def format_validation_error(error: ValidationError, schema: type[BaseModel], source: str,
-                            flags: Mapping[str, str] | None = None) -> str:
+def format_validation_error(
+    error: ValidationError, schema: type[BaseModel], source: str, flags: Mapping[str, str] | None = None
+) -> str:
     """One line per problem: ``key (--flag): what is wrong (got value)``."""
     lines = []
     for problem in error.errors():
@@ -186,4 +216,6 @@ def load_config(
     try:
         return schema.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error, schema, " + ".join(sources) or "defaults", flags)) from None
+        raise ConfigError(
+            format_validation_error(error, schema, " + ".join(sources) or "defaults", flags)
+        ) from None

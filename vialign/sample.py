@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from pipelines.adapter import GeneratorAdapter, Guidance
 from tqdm.auto import tqdm
 
+from pipelines.adapter import GeneratorAdapter, Guidance
 from vialign.config import SampleConfig
 from vialign.errors import VialignInputError
 from vialign.sampling import Sampler, rollout
@@ -89,8 +89,16 @@ def generate_images(
         uncond = adapter.uncond_embeds(len(indices), negative_prompt) if guidance.uses_uncond else None
         latents = adapter.initial_latents(generators, len(indices), height, width, schedule)
         with torch.no_grad():
-            trajectory = rollout(adapter, cond, latents, schedule, sampler=sampler, guidance=guidance,
-                                 uncond=uncond, generator=generators)
+            trajectory = rollout(
+                adapter,
+                cond,
+                latents,
+                schedule,
+                sampler=sampler,
+                guidance=guidance,
+                uncond=uncond,
+                generator=generators,
+            )
             yield indices, adapter.decode(trajectory.final)
 
 
@@ -119,42 +127,72 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
         )
     sampler_config = config.sampler
     model = config.model
-    adapter = load_pipeline(model.path, device=model.device, dtype=model.dtype, attention=model.attention,
-                            lora=model.lora, use_t5=model.use_t5, max_sequence_length=model.max_sequence_length,
-                            clip_skip=model.clip_skip)
+    adapter = load_pipeline(
+        model.path,
+        device=model.device,
+        dtype=model.dtype,
+        attention=model.attention,
+        lora=model.lora,
+        use_t5=model.use_t5,
+        max_sequence_length=model.max_sequence_length,
+        clip_skip=model.clip_skip,
+    )
     default_height, default_width = adapter.default_size
     height, width = config.height or default_height, config.width or default_width
     adapter.check_size(height, width)
     if sampler_config.kind == "sde":
         sde = sampler_config.sde_kind or ("ddim" if adapter.kind == "diffusion" else "flow-sde")
-        sampler = Sampler(sde=sde, noise_level=sampler_config.noise_level, sde_window=sampler_config.sde_window)
+        sampler = Sampler(
+            sde=sde, noise_level=sampler_config.noise_level, sde_window=sampler_config.sde_window
+        )
     else:
         sampler = Sampler()
     sampler.check(adapter.schedule(sampler_config.num_steps, height, width))
     guidance = adapter.make_guidance(sampler_config.guidance_scale, sampler_config.true_cfg_scale)
     seeds = [config.seed + i for i in range(len(prompts))]
     settings = {
-        "model": model.path, "lora": model.lora, "family": adapter.family, "sampler": sampler_config.kind,
-        "sde_kind": sampler.sde, "noise_level": sampler.level if sampler.sde else None,
+        "model": model.path,
+        "lora": model.lora,
+        "family": adapter.family,
+        "sampler": sampler_config.kind,
+        "sde_kind": sampler.sde,
+        "noise_level": sampler.level if sampler.sde else None,
         "sde_window": list(sampler.sde_window) if sampler.sde_window else None,
-        "num_steps": sampler_config.num_steps, "guidance_scale": guidance.embedded if guidance.embedded is not None
-        else guidance.cfg_scale, "true_cfg_scale": sampler_config.true_cfg_scale if adapter.family == "flux" else None,
-        "negative_prompt": sampler_config.negative_prompt, "height": height, "width": width, "dtype": model.dtype,
+        "num_steps": sampler_config.num_steps,
+        "guidance_scale": guidance.embedded if guidance.embedded is not None else guidance.cfg_scale,
+        "true_cfg_scale": sampler_config.true_cfg_scale if adapter.family == "flux" else None,
+        "negative_prompt": sampler_config.negative_prompt,
+        "height": height,
+        "width": width,
+        "dtype": model.dtype,
     }
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
-    with open(index_path, "w", encoding="utf-8") as index, tqdm(total=len(prompts), unit="img", desc="vialign sample",
-                                                                 disable=not progress) as bar:
+    with (
+        open(index_path, "w", encoding="utf-8") as index,
+        tqdm(total=len(prompts), unit="img", desc="vialign sample", disable=not progress) as bar,
+    ):
         for indices, pixels in generate_images(
-            adapter, prompts, seeds, num_steps=sampler_config.num_steps, height=height, width=width,
-            guidance=guidance, sampler=sampler, negative_prompt=sampler_config.negative_prompt,
+            adapter,
+            prompts,
+            seeds,
+            num_steps=sampler_config.num_steps,
+            height=height,
+            width=width,
+            guidance=guidance,
+            sampler=sampler,
+            negative_prompt=sampler_config.negative_prompt,
             batch_size=config.batch_size,
         ):
             for i, image in zip(indices, to_uint8(pixels)):
                 path = out / f"{i:05d}.png"
                 save_png(image, path)  # the PNG first: the index never names a missing file
-                index.write(json.dumps({"file": path.name, "prompt": prompts[i], "seed": seeds[i], "index": i,
-                                        **settings}) + "\n")
+                index.write(
+                    json.dumps(
+                        {"file": path.name, "prompt": prompts[i], "seed": seeds[i], "index": i, **settings}
+                    )
+                    + "\n"
+                )
                 files.append(path)
             index.flush()
             bar.update(len(indices))

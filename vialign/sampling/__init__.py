@@ -1,10 +1,10 @@
 """Sampling dynamics: stateless step functions with exact Gaussian log-probs, and the rollout loop.
 
-    flow.py      flow ODE (Euler), Flow-SDE, Dance-SDE and CPS steps
-    ddim.py      DDIM (eta = 0) and DDIM-eta steps for diffusion models
-    gaussian.py  StepOutput and the exact Gaussian log-density
-    sampler.py   Sampler (ODE or SDE on a window) and the per-step dispatch
-    rollout.py   rollout(), Trajectory, trajectory_log_probs()
+flow.py      flow ODE (Euler), Flow-SDE, Dance-SDE and CPS steps
+ddim.py      DDIM (eta = 0) and DDIM-eta steps for diffusion models
+gaussian.py  StepOutput and the exact Gaussian log-density
+sampler.py   Sampler (ODE or SDE on a window) and the per-step dispatch
+rollout.py   rollout(), Trajectory, trajectory_log_probs()
 """
 
 from vialign.sampling.ddim import ddim_step

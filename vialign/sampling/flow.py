@@ -31,7 +31,9 @@ def _coefficients(x: torch.Tensor, sigma: float | torch.Tensor, sigma_next: floa
     return s, s_next
 
 
-def flow_ode_step(x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor) -> StepOutput:
+def flow_ode_step(
+    x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor
+) -> StepOutput:
     """Euler step of the flow ODE: x' = x + (s' - s) v."""
     s, s_next = _coefficients(x, sigma, sigma_next)
     return deterministic(x.float() + (s_next - s).float() * v.float())

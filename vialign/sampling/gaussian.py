@@ -76,7 +76,11 @@ def gaussian_step(
         x_next = prev.float()
     else:
         if noise is None:
-            noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32,
-                                device=generator.device if generator is not None else mean.device).to(mean.device)
+            noise = torch.randn(
+                mean.shape,
+                generator=generator,
+                dtype=torch.float32,
+                device=generator.device if generator is not None else mean.device,
+            ).to(mean.device)
         x_next = mean + std * noise.float()
     return StepOutput(x_next=x_next, mean=mean, std=std, log_prob=gaussian_log_prob(x_next, mean, std))

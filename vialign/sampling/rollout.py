@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
+from tqdm.auto import tqdm
+
 from pipelines.adapter import GeneratorAdapter, Guidance
 from pipelines.embeds import PromptEmbeds
 from pipelines.schedules import Schedule
-from tqdm.auto import tqdm
-
 from vialign.errors import VialignInputError
 from vialign.sampling.gaussian import StepOutput
 from vialign.sampling.sampler import Sampler, sampler_step
@@ -37,7 +37,9 @@ class Trajectory:
     """A batch of sampled chains, everything needed to re-score or continue them."""
 
     latents: torch.Tensor  # [B, N+1, *latent] float32: x_0 (noise) ... x_N (sample); detached
-    log_probs: torch.Tensor  # [B, N] float32: log p(x_{k+1} | x_k), summed over latent dims; 0 where not stochastic
+    log_probs: (
+        torch.Tensor
+    )  # [B, N] float32: log p(x_{k+1} | x_k), summed over latent dims; 0 where not stochastic
     stochastic: torch.Tensor  # [N] bool: steps that drew noise
     final: torch.Tensor  # [B, *latent] x_N; carries the graph of the gradient steps, if any
     schedule: Schedule
@@ -69,15 +71,28 @@ def draw_noise(generator: Generators, shape: Sequence[int], device: torch.device
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise VialignInputError(f"{len(generator)} generators for a batch of {shape[0]}")
-        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator]).to(device)
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator]).to(
+            device
+        )
     source = generator.device if generator is not None else device
     return torch.randn(tuple(shape), generator=generator, device=source).to(device)
 
 
-def _step_once(adapter, schedule, sampler, k, x, cond, uncond, guidance, stochastic, noise, prev) -> StepOutput:
+def _step_once(
+    adapter, schedule, sampler, k, x, cond, uncond, guidance, stochastic, noise, prev
+) -> StepOutput:
     output = adapter.predict(x, schedule.timesteps[k], cond, guidance, uncond)
-    return sampler_step(sampler, schedule, k, x, output, adapter.prediction_type, stochastic=stochastic,
-                        noise=noise, prev=prev)
+    return sampler_step(
+        sampler,
+        schedule,
+        k,
+        x,
+        output,
+        adapter.prediction_type,
+        stochastic=stochastic,
+        noise=noise,
+        prev=prev,
+    )
 
 
 def evaluate_step(
@@ -108,15 +123,26 @@ def evaluate_step(
         if size < model_batch_size:  # pad with copies of the last row: same call shape, rows dropped below
             index = torch.cat([index, index[-1:].expand(model_batch_size - size)])
         out = _step_once(
-            adapter, schedule, sampler, k, x[index], cond[index.cpu()],
-            None if uncond is None else uncond[index.cpu()], guidance, stochastic,
-            None if noise is None else noise[index], None if prev is None else prev[index],
+            adapter,
+            schedule,
+            sampler,
+            k,
+            x[index],
+            cond[index.cpu()],
+            None if uncond is None else uncond[index.cpu()],
+            guidance,
+            stochastic,
+            None if noise is None else noise[index],
+            None if prev is None else prev[index],
         )
-        parts.append(StepOutput(
-            x_next=out.x_next[:size], mean=out.mean[:size],
-            std=out.std[:size] if out.std.ndim else out.std,
-            log_prob=None if out.log_prob is None else out.log_prob[:size],
-        ))
+        parts.append(
+            StepOutput(
+                x_next=out.x_next[:size],
+                mean=out.mean[:size],
+                std=out.std[:size] if out.std.ndim else out.std,
+                log_prob=None if out.log_prob is None else out.log_prob[:size],
+            )
+        )
     std = torch.cat([p.std for p in parts]) if parts[0].std.ndim else parts[0].std
     return StepOutput(
         x_next=torch.cat([p.x_next for p in parts]),
@@ -162,16 +188,31 @@ def rollout(
     if not 0 <= grad_steps <= num_steps:
         raise VialignInputError(f"grad_steps must be between 0 and the {num_steps} steps, got {grad_steps}")
     if guidance.uses_uncond and uncond is None:
-        raise VialignInputError(f"guidance with cfg_scale={guidance.cfg_scale} needs unconditional embeddings")
+        raise VialignInputError(
+            f"guidance with cfg_scale={guidance.cfg_scale} needs unconditional embeddings"
+        )
     stochastic = sampler.stochastic_steps(num_steps)
     x = latents.float()
     states, log_probs = [x.detach()], torch.zeros(batch, num_steps, device=x.device)
     for k in tqdm(range(num_steps), disable=not progress, desc="sampling", leave=False):
         noise = draw_noise(generator, x.shape, x.device) if stochastic[k] else None
 
-        def step(x_in: torch.Tensor, noise_in: torch.Tensor | None, k: int = k) -> tuple[torch.Tensor, torch.Tensor]:
-            out = evaluate_step(adapter, schedule, sampler, k, x_in, cond, guidance=guidance, uncond=uncond,
-                                stochastic=bool(stochastic[k]), noise=noise_in, model_batch_size=model_batch_size)
+        def step(
+            x_in: torch.Tensor, noise_in: torch.Tensor | None, k: int = k
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            out = evaluate_step(
+                adapter,
+                schedule,
+                sampler,
+                k,
+                x_in,
+                cond,
+                guidance=guidance,
+                uncond=uncond,
+                stochastic=bool(stochastic[k]),
+                noise=noise_in,
+                model_batch_size=model_batch_size,
+            )
             log_prob = out.log_prob if out.log_prob is not None else torch.zeros(batch, device=x_in.device)
             return out.x_next, log_prob
 
@@ -187,8 +228,15 @@ def rollout(
         states.append(x.detach())
         log_probs[:, k] = log_prob.detach()
     return Trajectory(
-        latents=torch.stack(states, dim=1), log_probs=log_probs, stochastic=stochastic, final=x,
-        schedule=schedule, sampler=sampler, cond=cond, uncond=uncond, guidance=guidance,
+        latents=torch.stack(states, dim=1),
+        log_probs=log_probs,
+        stochastic=stochastic,
+        final=x,
+        schedule=schedule,
+        sampler=sampler,
+        cond=cond,
+        uncond=uncond,
+        guidance=guidance,
     )
 
 
@@ -211,14 +259,24 @@ def trajectory_log_probs(
     steps = stochastic_steps if steps is None else [int(k) for k in steps]
     deterministic_steps = [k for k in steps if k not in stochastic_steps]
     if deterministic_steps:
-        raise VialignInputError(f"steps {deterministic_steps} were deterministic (ODE) in this trajectory: no log-prob")
+        raise VialignInputError(
+            f"steps {deterministic_steps} were deterministic (ODE) in this trajectory: no log-prob"
+        )
     guidance = trajectory.guidance if guidance is None else guidance
     uncond = trajectory.uncond if guidance.uses_uncond else None
     columns = []
     for k in steps:
         out = evaluate_step(
-            adapter, trajectory.schedule, trajectory.sampler, k, trajectory.latents[:, k], trajectory.cond,
-            guidance=guidance, uncond=uncond, stochastic=True, prev=trajectory.latents[:, k + 1],
+            adapter,
+            trajectory.schedule,
+            trajectory.sampler,
+            k,
+            trajectory.latents[:, k],
+            trajectory.cond,
+            guidance=guidance,
+            uncond=uncond,
+            stochastic=True,
+            prev=trajectory.latents[:, k + 1],
             model_batch_size=model_batch_size,
         )
         columns.append(out.log_prob_per_dim if per_dim else out.log_prob)

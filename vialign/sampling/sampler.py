@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from pipelines.prediction import convert_prediction
 from pipelines.schedules import Schedule
-
 from vialign.errors import VialignInputError
 from vialign.sampling.ddim import ddim_step
 from vialign.sampling.flow import cps_step, dance_sde_step, flow_ode_step, flow_sde_step
@@ -48,7 +48,9 @@ class Sampler:
         if self.sde_window is not None:
             start, stop = self.sde_window
             if not 0 <= start < stop:
-                raise VialignInputError(f"sde_window must be [start, stop) with 0 <= start < stop, got {self.sde_window}")
+                raise VialignInputError(
+                    f"sde_window must be [start, stop) with 0 <= start < stop, got {self.sde_window}"
+                )
 
     @property
     def level(self) -> float:
@@ -98,13 +100,28 @@ def sampler_step(
     sigma, sigma_next = schedule.sigmas[k], schedule.sigmas[k + 1]
     alpha, alpha_next = schedule.alphas[k], schedule.alphas[k + 1]
     if schedule.kind == "flow":
-        v = model_output if prediction_type == "flow" else \
-            convert_prediction(model_output, x, alpha, sigma, prediction_type).velocity
+        v = (
+            model_output
+            if prediction_type == "flow"
+            else convert_prediction(model_output, x, alpha, sigma, prediction_type).velocity
+        )
         if not stochastic:
             return flow_ode_step(x, v, sigma, sigma_next)
         step = {"flow-sde": flow_sde_step, "dance-sde": dance_sde_step, "cps": cps_step}[sampler.sde]
-        return step(x, v, sigma, sigma_next, noise_level=sampler.level, noise=noise, prev=prev, generator=generator)
+        return step(
+            x, v, sigma, sigma_next, noise_level=sampler.level, noise=noise, prev=prev, generator=generator
+        )
     pred = convert_prediction(model_output, x, alpha, sigma, prediction_type)
     eta = sampler.level if stochastic else 0.0
-    return ddim_step(pred.x0, pred.eps, alpha, sigma, alpha_next, sigma_next, eta=eta, noise=noise, prev=prev,
-                     generator=generator)
+    return ddim_step(
+        pred.x0,
+        pred.eps,
+        alpha,
+        sigma,
+        alpha_next,
+        sigma_next,
+        eta=eta,
+        noise=noise,
+        prev=prev,
+        generator=generator,
+    )

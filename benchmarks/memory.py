@@ -1,0 +1,142 @@
+"""Peak memory of backpropagating through a whole sampling chain, with and without per-step
+checkpointing, measured in separate processes (``ru_maxrss``).
+
+    python benchmarks/memory.py [--steps 1 10 50] [--size 256] [--batch 2] [--model tiny-sd]
+
+For each chain length N it runs three fresh processes on the same model, prompts and noise:
+``nograd`` (the baseline: sampling and decoding without gradients), ``plain`` (gradients through all
+N steps and the VAE decode, every activation stored) and ``checkpoint`` (the same gradients, each
+denoiser step and the decode recomputed in the backward pass). Activation memory = peak - baseline.
+Target at N = 50: checkpointed activation memory <= 1/4 of the plain chain's. Workers run with
+``MALLOC_MMAP_THRESHOLD_=65536`` so that RSS tracks live tensors rather than allocator fragmentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    import pipelines
+    from vialign.sampling import Sampler, rollout
+
+    torch.manual_seed(0)
+    adapter = pipelines.load_pipeline(args.model, device="cpu")
+    for param in adapter.denoiser.parameters():
+        param.requires_grad_(args.mode != "nograd")
+    schedule = adapter.schedule(args.n, args.size, args.size)
+    guidance = adapter.make_guidance(args.guidance)
+    prompts = [f"a photo of object {i}" for i in range(args.batch)]
+    cond = adapter.encode_prompt(prompts)
+    uncond = adapter.uncond_embeds(len(prompts)) if guidance.uses_uncond else None
+    generators = [torch.Generator().manual_seed(i) for i in range(args.batch)]
+    latents = adapter.initial_latents(generators, args.batch, args.size, args.size, schedule)
+    sampler = Sampler(sde="ddim" if adapter.kind == "diffusion" else "flow-sde")
+    if args.mode == "nograd":
+        with torch.no_grad():
+            trajectory = rollout(
+                adapter,
+                cond,
+                latents,
+                schedule,
+                sampler=sampler,
+                guidance=guidance,
+                uncond=uncond,
+                generator=generators,
+            )
+            loss = adapter.decode(trajectory.final).mean()
+    else:
+        checkpoint = args.mode == "checkpoint"
+        trajectory = rollout(
+            adapter,
+            cond,
+            latents,
+            schedule,
+            sampler=sampler,
+            guidance=guidance,
+            uncond=uncond,
+            generator=generators,
+            grad_steps=args.n,
+            checkpoint=checkpoint,
+        )
+        loss = adapter.decode(trajectory.final, checkpoint=checkpoint).mean()
+        loss.backward()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    print(json.dumps({"mode": args.mode, "n": args.n, "peak_mb": peak_mb, "loss": loss.item()}))
+
+
+def measure(args: argparse.Namespace, mode: str, n: int) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--mode",
+        mode,
+        "--n",
+        str(n),
+        "--model",
+        args.model,
+        "--size",
+        str(args.size),
+        "--batch",
+        str(args.batch),
+        "--guidance",
+        str(args.guidance),
+    ]
+    # Large blocks through mmap, so that freed tensors go back to the OS at once: RSS then measures live
+    # memory, not glibc's fragmented high-water mark (which otherwise grows with the number of steps).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"worker {mode} N={n} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 10, 50])
+    parser.add_argument("--model", default="tiny-sd")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["nograd", "plain", "checkpoint"], help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    print(
+        f"{args.model}, {args.size}x{args.size}, batch {args.batch}, CFG {args.guidance}: gradients through all N "
+        "steps and the VAE decode; peak RSS per fresh process"
+    )
+    print(
+        f"{'N':>4s} {'no-grad MB':>11s} {'plain +MB':>10s} {'checkpointed +MB':>17s} {'ratio':>7s} {'same loss':>10s}"
+    )
+    ratios = {}
+    for n in args.steps:
+        base, plain, ckpt = (measure(args, mode, n) for mode in ("nograd", "plain", "checkpoint"))
+        plain_act, ckpt_act = plain["peak_mb"] - base["peak_mb"], ckpt["peak_mb"] - base["peak_mb"]
+        ratios[n] = ckpt_act / plain_act if plain_act > 0 else float("nan")
+        same = abs(plain["loss"] - ckpt["loss"]) <= 1e-6 * max(1.0, abs(plain["loss"]))
+        print(
+            f"{n:4d} {base['peak_mb']:11.0f} {plain_act:10.0f} {ckpt_act:17.0f} {ratios[n]:7.3f} {str(same):>10s}"
+        )
+    last = max(args.steps)
+    verdict = "meets" if ratios[last] <= 0.25 else "MISSES"
+    print(
+        f"N={last}: checkpointed / plain activation memory = {ratios[last]:.3f} ({verdict} the <= 0.25 target)"
+    )
+
+
+if __name__ == "__main__":
+    main()

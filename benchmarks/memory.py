@@ -27,7 +27,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     import pipelines
-    from vialign.sampling import Sampler, rollout
+    from vialign.sampling import Sampler, rollout_prompts
 
     torch.manual_seed(0)
     adapter = pipelines.load_pipeline(args.model, device="cpu")
@@ -36,40 +36,24 @@ def worker(args: argparse.Namespace) -> None:
     schedule = adapter.schedule(args.n, args.size, args.size)
     guidance = adapter.make_guidance(args.guidance)
     prompts = [f"a photo of object {i}" for i in range(args.batch)]
-    cond = adapter.encode_prompt(prompts)
-    uncond = adapter.uncond_embeds(len(prompts)) if guidance.uses_uncond else None
-    generators = [torch.Generator().manual_seed(i) for i in range(args.batch)]
-    latents = adapter.initial_latents(generators, args.batch, args.size, args.size, schedule)
     sampler = Sampler(sde="ddim" if adapter.kind == "diffusion" else "flow-sde")
-    if args.mode == "nograd":
-        with torch.no_grad():
-            trajectory = rollout(
-                adapter,
-                cond,
-                latents,
-                schedule,
-                sampler=sampler,
-                guidance=guidance,
-                uncond=uncond,
-                generator=generators,
-            )
-            loss = adapter.decode(trajectory.final).mean()
-    else:
-        checkpoint = args.mode == "checkpoint"
-        trajectory = rollout(
+    checkpoint = args.mode == "checkpoint"
+    with torch.set_grad_enabled(args.mode != "nograd"):
+        trajectory = rollout_prompts(
             adapter,
-            cond,
-            latents,
+            prompts,
+            range(args.batch),
             schedule,
-            sampler=sampler,
+            height=args.size,
+            width=args.size,
             guidance=guidance,
-            uncond=uncond,
-            generator=generators,
-            grad_steps=args.n,
+            sampler=sampler,
+            grad_steps=0 if args.mode == "nograd" else args.n,
             checkpoint=checkpoint,
         )
         loss = adapter.decode(trajectory.final, checkpoint=checkpoint).mean()
-        loss.backward()
+        if args.mode != "nograd":
+            loss.backward()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     print(json.dumps({"mode": args.mode, "n": args.n, "peak_mb": peak_mb, "loss": loss.item()}))
 

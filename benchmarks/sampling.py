@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 import pipelines  # noqa: E402
 from pipelines import tiny  # noqa: E402
-from vialign.sampling import rollout  # noqa: E402
+from vialign.sampling import rollout_prompts  # noqa: E402
 
 
 def main() -> None:
@@ -70,11 +70,15 @@ def benchmark_family(family: str, prompts: list[str], args: argparse.Namespace) 
     def run_vialign():
         with torch.no_grad():
             schedule = adapter.schedule(args.steps, args.size, args.size)
-            guidance = adapter.make_guidance(args.guidance)
-            cond = adapter.encode_prompt(prompts)
-            uncond = adapter.uncond_embeds(len(prompts)) if guidance.uses_uncond else None
-            latents = adapter.initial_latents(generators(), len(prompts), args.size, args.size, schedule)
-            trajectory = rollout(adapter, cond, latents, schedule, guidance=guidance, uncond=uncond)
+            trajectory = rollout_prompts(
+                adapter,
+                prompts,
+                range(args.batch),
+                schedule,
+                height=args.size,
+                width=args.size,
+                guidance=adapter.make_guidance(args.guidance),
+            )
             return adapter.decode(trajectory.final)
 
     reference, ours = run_stock(), run_vialign()  # warm-up, and a check that both compute the same thing

@@ -117,6 +117,8 @@ class GeneratorAdapter:
         self.clip_skip = clip_skip
         self.vae = components["vae"]
         self.denoiser: nn.Module = components[self.denoiser_name]
+        # kept apart from the module: a trainer may replace ``denoiser`` by a wrapped (e.g. DDP) module
+        self.denoiser_config = self.denoiser.config
         self.scheduler = stateless_scheduler(components["scheduler"], self.kind)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.prompt_cache = PromptCache(model_id)
@@ -261,7 +263,7 @@ class GeneratorAdapter:
     @property
     def default_size(self) -> tuple[int, int]:
         """(height, width) that the stock pipeline uses when none is given."""
-        size = int(self.denoiser.config.sample_size) * self.vae_scale_factor
+        size = int(self.denoiser_config.sample_size) * self.vae_scale_factor
         return size, size
 
     def initial_latents(

@@ -17,18 +17,9 @@ from diffusers import FluxPipeline
 
 from pipelines.adapter import GeneratorAdapter, Guidance
 from pipelines.embeds import PromptEmbeds
-from pipelines.stable_diffusion_3 import calculate_shift
+from pipelines.stable_diffusion_3 import MMDIT_LORA_TARGETS, calculate_shift
 
-FLUX_LORA_TARGETS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-)
+FLUX_LORA_TARGETS = MMDIT_LORA_TARGETS  # both streams' attention projections, as diffusers' FLUX LoRA script
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -66,7 +57,7 @@ class FluxAdapter(GeneratorAdapter):
 
     @property
     def latent_channels(self) -> int:
-        return int(self.denoiser.config.in_channels) // 4
+        return int(self.denoiser_config.in_channels) // 4
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -75,7 +66,7 @@ class FluxAdapter(GeneratorAdapter):
 
     def make_guidance(self, guidance_scale: float | None = None, true_cfg_scale: float = 1.0) -> Guidance:
         scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
-        embedded = scale if self.denoiser.config.guidance_embeds else None
+        embedded = scale if self.denoiser_config.guidance_embeds else None
         return Guidance(cfg_scale=float(true_cfg_scale), embedded=embedded)
 
     def _encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
@@ -106,9 +97,12 @@ class FluxAdapter(GeneratorAdapter):
     ) -> torch.Tensor:
         batch, _, height, width = x.shape
         embedded = None
-        if self.denoiser.config.guidance_embeds:
-            value = self.default_guidance_scale if guidance.embedded is None else guidance.embedded
-            embedded = torch.full((batch,), value, device=x.device, dtype=torch.float32)
+        if self.denoiser_config.guidance_embeds:
+            if guidance.embedded is None:
+                raise ValueError(
+                    "this FLUX transformer takes a guidance embedding: pass adapter.make_guidance(guidance_scale)"
+                )
+            embedded = torch.full((batch,), guidance.embedded, device=x.device, dtype=torch.float32)
         out = self.denoiser(
             hidden_states=pack_latents(x),
             timestep=t.to(x.dtype) / 1000,  # the transformer takes sigma; diffusers' timesteps are 1000 sigma

@@ -50,7 +50,7 @@ class StableDiffusion3Adapter(GeneratorAdapter):
 
     @property
     def size_multiple_extra(self) -> int:  # type: ignore[override]
-        return int(self.denoiser.config.patch_size)
+        return int(self.denoiser_config.patch_size)
 
     def _encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         hidden, pooled = [], []
@@ -76,7 +76,7 @@ class StableDiffusion3Adapter(GeneratorAdapter):
     def _t5_embeds(self, prompts: list[str]) -> torch.Tensor:
         length = self.max_sequence_length or self.default_max_sequence_length
         if "text_encoder_3" not in self.components:
-            width = self.denoiser.config.joint_attention_dim
+            width = self.denoiser_config.joint_attention_dim
             return torch.zeros(len(prompts), length, width, device=self.device, dtype=self.dtype)
         ids = self._tokenize(self.components["tokenizer_3"], prompts, length)
         return self.components["text_encoder_3"](ids)[0].to(self.dtype)
@@ -85,7 +85,7 @@ class StableDiffusion3Adapter(GeneratorAdapter):
         config = self.scheduler.config
         if not config.get("use_dynamic_shifting", False):
             return {}
-        patch = self.denoiser.config.patch_size
+        patch = self.denoiser_config.patch_size
         tokens = (height // self.vae_scale_factor // patch) * (width // self.vae_scale_factor // patch)
         mu = calculate_shift(
             tokens,

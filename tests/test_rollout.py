@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pipelines
-from vialign.sampling import Sampler, rollout, trajectory_log_probs
+from vialign.sampling import Sampler, rollout_prompts, trajectory_log_probs
 
 PROMPTS = ["a red square", "a blue circle on the left", "a small green triangle", "a photo of a cat"]
 SIZE = 64
@@ -25,36 +25,20 @@ def adapters():
     return get
 
 
-def _rollout(
-    adapter,
-    sampler,
-    *,
-    num_steps=4,
-    guidance_scale=3.0,
-    model_batch_size=None,
-    grad_steps=0,
-    checkpoint=True,
-    prompts=PROMPTS,
-    seed=0,
-):
+def _rollout(adapter, sampler, *, num_steps=4, guidance_scale=3.0, prompts=PROMPTS, seed=0, **options):
     schedule = adapter.schedule(num_steps, SIZE, SIZE)
+    seeds = [seed + i for i in range(len(prompts))]
     guidance = adapter.make_guidance(guidance_scale)
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-    cond = adapter.encode_prompt(prompts)
-    uncond = adapter.uncond_embeds(len(prompts)) if guidance.uses_uncond else None
-    latents = adapter.initial_latents(generators, len(prompts), SIZE, SIZE, schedule)
-    return rollout(
+    return rollout_prompts(
         adapter,
-        cond,
-        latents,
+        prompts,
+        seeds,
         schedule,
-        sampler=sampler,
+        height=SIZE,
+        width=SIZE,
         guidance=guidance,
-        uncond=uncond,
-        generator=generators,
-        model_batch_size=model_batch_size,
-        grad_steps=grad_steps,
-        checkpoint=checkpoint,
+        sampler=sampler,
+        **options,
     )
 
 
@@ -149,3 +133,29 @@ def test_no_grad_steps_keep_no_graph(adapters):
     assert not trajectory.final.requires_grad
     with pytest.raises(ValueError, match="grad_steps"):
         _rollout(adapter, Sampler(), num_steps=3, grad_steps=4)
+
+
+def test_low_precision_models_keep_float32_step_math():
+    """bf16 denoiser, fp32 states and log-probs; LoRA master weights stay fp32."""
+    adapter = pipelines.load_pipeline("tiny-sd3", device="cpu", dtype="bfloat16")
+    assert adapter.denoiser.dtype == torch.bfloat16
+    trajectory = _rollout(adapter, Sampler(sde="flow-sde"), model_batch_size=2)
+    assert trajectory.latents.dtype == torch.float32 and trajectory.log_probs.dtype == torch.float32
+    assert torch.isfinite(trajectory.log_probs).all()
+    with torch.no_grad():
+        rescored = trajectory_log_probs(adapter, trajectory.select([1]), model_batch_size=2)
+    assert torch.equal(rescored, trajectory.log_probs[1:2])
+    adapter.add_lora(rank=2)
+    assert {p.dtype for p in adapter.lora_parameters()} == {torch.float32}
+    with torch.no_grad():
+        with_lora = trajectory_log_probs(adapter, trajectory.select([1]), model_batch_size=2)
+    assert torch.equal(with_lora, rescored)  # LoRA B starts at zero: same policy, bitwise
+    pixels = adapter.decode(trajectory.final)
+    assert pixels.dtype == torch.float32 and pixels.shape == (4, 3, SIZE, SIZE)
+
+
+def test_flux_needs_its_guidance_embedding(adapters):
+    adapter = adapters("tiny-flux")
+    cond = adapter.encode_prompt(["a cat"])
+    with pytest.raises(ValueError, match="guidance embedding"):
+        adapter.predict(torch.zeros(1, 4, 8, 8), 500.0, cond, pipelines.Guidance())

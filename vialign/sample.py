@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from pipelines.adapter import GeneratorAdapter, Guidance
 from vialign.config import SampleConfig
 from vialign.errors import VialignInputError
-from vialign.sampling import Sampler, rollout
+from vialign.sampling import Sampler, rollout_prompts
 
 INDEX_FILE = "samples.jsonl"
 
@@ -83,21 +83,17 @@ def generate_images(
     sampler.check(schedule)
     for start in range(0, len(prompts), batch_size):
         indices = list(range(start, min(start + batch_size, len(prompts))))
-        batch_prompts = [prompts[i] for i in indices]
-        generators = [torch.Generator("cpu").manual_seed(int(seeds[i])) for i in indices]
-        cond = adapter.encode_prompt(batch_prompts)
-        uncond = adapter.uncond_embeds(len(indices), negative_prompt) if guidance.uses_uncond else None
-        latents = adapter.initial_latents(generators, len(indices), height, width, schedule)
         with torch.no_grad():
-            trajectory = rollout(
+            trajectory = rollout_prompts(
                 adapter,
-                cond,
-                latents,
+                [prompts[i] for i in indices],
+                [seeds[i] for i in indices],
                 schedule,
-                sampler=sampler,
+                height=height,
+                width=width,
                 guidance=guidance,
-                uncond=uncond,
-                generator=generators,
+                negative_prompt=negative_prompt,
+                sampler=sampler,
             )
             yield indices, adapter.decode(trajectory.final)
 

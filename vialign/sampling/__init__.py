@@ -10,7 +10,14 @@ rollout.py   rollout(), Trajectory, trajectory_log_probs()
 from vialign.sampling.ddim import ddim_step
 from vialign.sampling.flow import cps_step, dance_sde_step, flow_ode_step, flow_sde_step
 from vialign.sampling.gaussian import StepOutput, gaussian_log_prob
-from vialign.sampling.rollout import Trajectory, draw_noise, evaluate_step, rollout, trajectory_log_probs
+from vialign.sampling.rollout import (
+    Trajectory,
+    draw_noise,
+    evaluate_step,
+    rollout,
+    rollout_prompts,
+    trajectory_log_probs,
+)
 from vialign.sampling.sampler import SDE_KINDS, Sampler, sampler_step
 
 __all__ = [
@@ -27,6 +34,7 @@ __all__ = [
     "flow_sde_step",
     "gaussian_log_prob",
     "rollout",
+    "rollout_prompts",
     "sampler_step",
     "trajectory_log_probs",
 ]

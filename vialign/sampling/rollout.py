@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -237,6 +238,39 @@ def rollout(
         cond=cond,
         uncond=uncond,
         guidance=guidance,
+    )
+
+
+def rollout_prompts(
+    adapter: GeneratorAdapter,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    schedule: Schedule,
+    *,
+    height: int,
+    width: int,
+    guidance: Guidance,
+    negative_prompt: str | None = None,
+    **rollout_options: Any,
+) -> Trajectory:
+    """:func:`rollout` from prompts: encode them, draw sample i's initial and step noise from
+    ``torch.Generator("cpu").manual_seed(seeds[i])`` (as the stock pipelines with a list of
+    generators), and run. ``rollout_options`` are :func:`rollout`'s keyword arguments."""
+    if len(prompts) != len(seeds):
+        raise VialignInputError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+    cond = adapter.encode_prompt(prompts)
+    uncond = adapter.uncond_embeds(len(prompts), negative_prompt) if guidance.uses_uncond else None
+    latents = adapter.initial_latents(generators, len(prompts), height, width, schedule)
+    return rollout(
+        adapter,
+        cond,
+        latents,
+        schedule,
+        guidance=guidance,
+        uncond=uncond,
+        generator=generators,
+        **rollout_options,
     )
 
 

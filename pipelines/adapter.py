@@ -303,6 +303,10 @@ class GeneratorAdapter:
 
     def make_guidance(self, guidance_scale: float | None = None, true_cfg_scale: float = 1.0) -> Guidance:
         """The family's meaning of the stock pipeline's ``guidance_scale`` (CFG for all but FLUX)."""
+        if true_cfg_scale != 1.0:
+            raise PipelineInputError(
+                f"true_cfg_scale is FLUX's; for {self.family} guidance_scale already is classifier-free guidance"
+            )
         scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
         return Guidance(cfg_scale=scale)
 

@@ -125,6 +125,8 @@ def _malformed_yaml(tmp_path):
         (["--prompts", "missing.txt"], "prompts file not found"),
         (["--model", "tiny-sd", "--dtype", "int4"], "model.dtype (--dtype): Input should be"),
         (["sampler.steps=3"], "sampler.steps: unknown key"),
+        (["--sde-kind", "cps"], "sde_kind only apply to kind=sde, but kind is 'ode'"),
+        (["--model", "tiny-sd", "--true-cfg-scale", "3"], "true_cfg_scale is FLUX's"),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, capsys, monkeypatch, argv, message):

@@ -85,6 +85,15 @@ def test_bad_values_name_the_key(override, message):
     assert message in str(error.value)
 
 
+def test_sde_options_without_sde_are_an_error():
+    with pytest.raises(ConfigError, match="sde_kind, noise_level only apply to kind=sde"):
+        load_config(SampleConfig, None, ["sampler.sde_kind=cps", "sampler.noise_level=0.5"])
+    assert (
+        load_config(SampleConfig, None, ["sampler.sde_kind=cps", "sampler.kind=sde"]).sampler.sde_kind
+        == "cps"
+    )
+
+
 def test_override_into_a_value_is_an_error():
     with pytest.raises(ConfigError, match="seed is a value, not a section"):
         load_config(SampleConfig, None, ["seed=3", "seed.x=1"])

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vialign.errors import ConfigError
 
@@ -85,6 +85,16 @@ class SamplerConfig(StrictModel):
     )
     true_cfg_scale: float = Field(1.0, ge=0, le=100, description="FLUX only: true classifier-free guidance")
     negative_prompt: str | None = Field(None, description="negative prompt for the unconditional branch")
+
+    @model_validator(mode="after")
+    def _sde_options_need_sde(self) -> SamplerConfig:
+        given = [k for k in ("sde_kind", "noise_level", "sde_window") if getattr(self, k) is not None]
+        if self.kind == "ode" and given:
+            raise ValueError(
+                f"{', '.join(given)} only apply to kind=sde, but kind is 'ode': set sampler.kind=sde "
+                "(--sampler sde) or drop them"
+            )
+        return self
 
     @field_validator("sde_window")
     @classmethod

@@ -8,6 +8,7 @@ image the stock diffusers pipeline gives for the same prompt, steps, guidance, s
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from vialign.errors import VialignInputError
 from vialign.sampling import Sampler, rollout_prompts
 
 INDEX_FILE = "samples.jsonl"
+logger = logging.getLogger(__name__)
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
@@ -145,6 +147,8 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
         sampler = Sampler()
     sampler.check(adapter.schedule(sampler_config.num_steps, height, width))
     guidance = adapter.make_guidance(sampler_config.guidance_scale, sampler_config.true_cfg_scale)
+    if sampler_config.negative_prompt is not None and not guidance.uses_uncond:
+        logger.warning("the negative prompt has no effect: classifier-free guidance is off (scale <= 1)")
     seeds = [config.seed + i for i in range(len(prompts))]
     settings = {
         "model": model.path,

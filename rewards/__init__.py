@@ -1,7 +1,35 @@
-"""Reward models behind one interface: ``reward(pixels in [0, 1], prompts) -> output``.
+"""Reward models behind one interface: ``reward(pixels in [0, 1], prompts) -> RewardOutput``.
 
-A stub in this release: the reward models, ``load_reward`` and ``vialign score`` come with the rewards
-work (see DESIGN.md section 7). ``rewards`` never imports ``vialign``.
+    >>> import rewards
+    >>> reward = rewards.load_reward("pickscore")              # or pretrained="/local/folder"
+    >>> out = reward(pixels, ["a red square", "a cat"])        # pixels: B x 3 x H x W (or B x 3 x T x H x W)
+    >>> out.score, out.dims                                     # Tensor[B], {name: Tensor[B]}
+    >>> rewards.list_rewards()                                  # names and metadata
+    >>> rewards.combine({"pickscore": 1.0, "aesthetic": 0.1})   # weighted sum, components in .dims
+
+``rewards`` never imports ``vialign``.
 """
 
-__all__: list[str] = []
+from rewards.base import Reward, RewardInfo, RewardOutput, check_inputs
+from rewards.combine import CombinedReward, combine
+from rewards.errors import CheckpointNotFoundError, RewardInputError
+from rewards.losses import LossTransform, require_differentiable
+from rewards.registry import list_rewards, load_reward, register
+from rewards.video import FrameSampledReward
+
+__all__ = [
+    "CheckpointNotFoundError",
+    "CombinedReward",
+    "FrameSampledReward",
+    "LossTransform",
+    "Reward",
+    "RewardInfo",
+    "RewardInputError",
+    "RewardOutput",
+    "check_inputs",
+    "combine",
+    "list_rewards",
+    "load_reward",
+    "register",
+    "require_differentiable",
+]

@@ -2,6 +2,7 @@
 
     vialign sample --prompt "a red square" --out samples/          # built-in tiny model, CPU, seconds
     vialign sample --config configs/sample_tiny.yaml sampler.num_steps=20
+    vialign score --images samples/ --reward pickscore --reward aesthetic=0.1 --out scores.csv
 
 Flags and ``key=value`` overrides both land in the job's typed config (``vialign.config``), so every
 bad value is reported the same way, naming the key. Problems with the input (config, paths, sizes,
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from pipelines.errors import PipelineInputError
+from rewards.errors import RewardInputError
 from vialign import __version__
 from vialign.errors import VialignInputError
 
@@ -87,6 +89,47 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--overwrite", action="store_const", const=True, help="replace an existing samples.jsonl in DIR"
     )
+
+    score = commands.add_parser(
+        "score",
+        help="score images/videos with rewards (JSONL or CSV, one row per file)",
+        description="Score image and video files with one or more rewards. Works on a `vialign sample` folder "
+        "as it is (its samples.jsonl gives the prompts). Corrupt files are reported and skipped.",
+    )
+    score.add_argument("--config", help="YAML config with the keys of ScoreConfig")
+    score.add_argument(
+        "--reward",
+        action="append",
+        metavar="NAME[=WEIGHT]",
+        help="a reward and its weight in the total (repeatable); see --list-rewards",
+    )
+    score.add_argument(
+        "--reward-option",
+        action="append",
+        metavar="NAME.KEY=VALUE",
+        help="an option of one reward, e.g. pickscore.pretrained=/models/pickscore (repeatable)",
+    )
+    score.add_argument("--images", nargs="+", metavar="DIR|GLOB|FILE", help="what to score")
+    score.add_argument(
+        "--prompts", metavar="FILE", help="one prompt per line, in the sorted order of the files"
+    )
+    score.add_argument(
+        "--prompts-from", metavar="TABLE", help="samples.jsonl, JSONL or CSV with file and prompt"
+    )
+    score.add_argument("--batch-size", help="files per batch (default 16)")
+    score.add_argument("--out", help="scores.jsonl (default) or a .csv file")
+    score.add_argument(
+        "--frames",
+        help="frames an image reward scores in a video: uniform (default), first-middle-last, random, all",
+    )
+    score.add_argument("--num-frames", help="frames for --frames uniform (default 8)")
+    score.add_argument("--device", help="device of the reward models (default cpu)")
+    score.add_argument(
+        "--overwrite", action="store_const", const=True, help="replace an existing output file"
+    )
+    score.add_argument(
+        "--list-rewards", action="store_true", help="list reward names with their metadata and exit"
+    )
     return parser
 
 
@@ -127,6 +170,75 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+SCORE_FLAGS = {
+    "images": ("images", "--images"),
+    "prompts": ("prompts_file", "--prompts"),
+    "prompts_from": ("prompts_from", "--prompts-from"),
+    "batch_size": ("batch_size", "--batch-size"),
+    "out": ("out", "--out"),
+    "frames": ("frames", "--frames"),
+    "num_frames": ("num_frames", "--num-frames"),
+    "device": ("device", "--device"),
+    "overwrite": ("overwrite", "--overwrite"),
+}
+
+
+def _reward_flags(args: argparse.Namespace) -> dict[str, dict]:
+    """``--reward NAME[=WEIGHT]`` and ``--reward-option NAME.KEY=VALUE`` as the config's ``rewards`` mapping."""
+    from vialign.config import parse_override
+
+    specs: dict[str, dict] = {}
+    for text in args.reward or []:
+        name, _, weight = text.partition("=")
+        try:
+            specs[name.strip()] = {"weight": float(weight) if weight else 1.0, "options": {}}
+        except ValueError:
+            raise VialignInputError(f"--reward {text}: the weight after '=' must be a number") from None
+    for text in args.reward_option or []:
+        target, _, _ = text.partition("=")
+        name, dot, key = target.rpartition(".")
+        if not dot or not name or name not in specs:
+            raise VialignInputError(
+                f"--reward-option {text}: write NAME.KEY=VALUE for a reward given with --reward ({', '.join(specs) or 'none'})"
+            )
+        specs[name]["options"][key] = parse_override(f"{key}={text.partition('=')[2]}")[1]
+    return specs
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from vialign.config import ScoreConfig, load_config
+
+    if args.list_rewards:
+        import rewards
+
+        for info in rewards.list_rewards():
+            low, high = info.typical_range
+            print(
+                f"{info.name:24s} {'differentiable' if info.differentiable else 'no gradients':15s} "
+                f"{info.modality:12s} {info.scale} (typically {low:g}..{high:g})"
+                + (f"; loads {info.default_checkpoint}" if info.default_checkpoint else "")
+            )
+        return 0
+    values = _flag_values(args, SCORE_FLAGS)
+    rewards_given = _reward_flags(args)
+    if rewards_given:
+        values["rewards"] = rewards_given
+    config = load_config(
+        ScoreConfig,
+        args.config,
+        args.overrides,
+        values,
+        flags={key: flag for key, flag in SCORE_FLAGS.values()},
+    )
+    from vialign.score import run_score
+
+    _quiet_libraries()
+    report = run_score(config, progress=True)
+    print(report.summary())
+    print(f"wrote {config.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -139,8 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("vialign", "pipelines", "rewards"):
         logging.getLogger(name).setLevel(logging.INFO)
     try:
-        return {"sample": cmd_sample}[args.command](args)
-    except (VialignInputError, PipelineInputError, FileNotFoundError) as error:
+        return {"sample": cmd_sample, "score": cmd_score}[args.command](args)
+    except (VialignInputError, PipelineInputError, RewardInputError, FileNotFoundError) as error:
         if os.environ.get("VIALIGN_DEBUG"):
             raise
         print(f"vialign: error: {error}", file=sys.stderr)

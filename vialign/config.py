@@ -121,6 +121,46 @@ class SampleConfig(StrictModel):
     overwrite: bool = Field(False, description="replace an earlier run's samples.jsonl in the output folder")
 
 
+class RewardSpec(StrictModel):
+    """One reward of a weighted combination."""
+
+    weight: float = Field(1.0, description="weight in the total (scores are summed with these weights)")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="options of rewards.load_reward(name, ...)"
+    )
+
+
+class ScoreConfig(StrictModel):
+    """``vialign score``: score image/video files with one or more rewards."""
+
+    rewards: dict[str, RewardSpec] = Field(
+        default_factory=dict, description="reward name -> weight and options"
+    )
+    images: list[str] = Field(default_factory=list, description="folders, glob patterns or files to score")
+    prompts_file: str | None = Field(
+        None, description="one prompt per line, in the sorted order of the files"
+    )
+    prompts_from: str | None = Field(
+        None, description="samples.jsonl, JSONL or CSV with 'file' and 'prompt' columns"
+    )
+    batch_size: int = Field(16, ge=1, le=4096, description="files per reward batch")
+    out: str = Field("scores.jsonl", description="output file: .jsonl or .csv")
+    frames: Literal["uniform", "first-middle-last", "random", "all"] = Field(
+        "uniform", description="frames an image reward scores in a video"
+    )
+    num_frames: int = Field(8, ge=1, le=1024, description="frames for frames=uniform")
+    max_frames: int = Field(64, ge=1, le=4096, description="frames decoded per video at most (evenly spaced)")
+    device: str = Field("cpu", description="device of the reward models (cpu, cuda, cuda:N)")
+    overwrite: bool = Field(False, description="replace an existing output file")
+
+    @field_validator("out")
+    @classmethod
+    def _out(cls, value: str) -> str:
+        if not value.endswith((".jsonl", ".csv")):
+            raise ValueError(f"must end in .jsonl or .csv, not {value!r}")
+        return value
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML mapping from ``path``; a missing file or malformed YAML is a ConfigError."""
     path = os.fspath(path)

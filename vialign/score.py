@@ -1,0 +1,223 @@
+"""``vialign score``: score folders of images and videos with one or more rewards.
+
+Everything that can be checked without a model is checked first (files exist, every file has a
+prompt, reward names and options are known), so a bad call fails in seconds. A file that cannot be
+decoded is reported, marked in the output and skipped; it never stops the run. Rows are written as
+batches finish (JSONL) or at the end (CSV, atomically), one per file, with the weighted total and
+every reward and dimension.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vialign.config import ScoreConfig
+from vialign.errors import VialignInputError
+from vialign.media import MediaError, find_media, is_video, read_media
+from vialign.sample import INDEX_FILE
+
+logger = logging.getLogger(__name__)
+
+
+def read_prompt_table(path: Path) -> dict[Path, str]:
+    """file -> prompt from ``samples.jsonl`` / JSONL / CSV (columns ``file`` and ``prompt``); relative file
+    names are relative to the table's folder."""
+    if not path.is_file():
+        raise VialignInputError(f"prompts file not found: {path}")
+    rows: list[dict] = []
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise VialignInputError(f"{path}:{number} is not valid JSON: {error.msg}") from None
+    table: dict[Path, str] = {}
+    for number, row in enumerate(rows, start=1):
+        file, prompt = row.get("file"), row.get("prompt")
+        if not isinstance(file, str) or not isinstance(prompt, str):
+            raise VialignInputError(f"{path} row {number} needs string 'file' and 'prompt' columns")
+        table[(path.parent / file).resolve()] = prompt
+    return table
+
+
+def resolve_prompts(files: list[Path], config: ScoreConfig, needs_prompt: bool) -> list[str]:
+    if config.prompts_file and config.prompts_from:
+        raise VialignInputError("pass either --prompts or --prompts-from, not both")
+    if config.prompts_file:
+        path = Path(config.prompts_file)
+        if not path.is_file():
+            raise VialignInputError(f"prompts file not found: {path}")
+        prompts = [
+            line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
+        if len(prompts) != len(files):
+            raise VialignInputError(
+                f"{path} has {len(prompts)} prompts for {len(files)} files (one prompt per line, in the sorted "
+                "order of the files); or use --prompts-from with a table of file and prompt"
+            )
+        return prompts
+    table_path = Path(config.prompts_from) if config.prompts_from else None
+    if table_path is None:
+        folders = {f.resolve().parent for f in files}
+        if len(folders) == 1 and (next(iter(folders)) / INDEX_FILE).is_file():
+            table_path = next(iter(folders)) / INDEX_FILE  # a `vialign sample` folder: its own index
+            logger.info("prompts from %s", table_path)
+    if table_path is None:
+        if needs_prompt:
+            raise VialignInputError(
+                "these rewards need prompts: pass --prompts FILE (one per line) or --prompts-from "
+                "samples.jsonl|JSONL|CSV (columns file, prompt)"
+            )
+        return [""] * len(files)
+    table = read_prompt_table(table_path)
+    missing = [f for f in files if f.resolve() not in table]
+    if missing and needs_prompt:
+        raise VialignInputError(
+            f"{len(missing)} file(s) have no prompt in {table_path}, e.g. {missing[0]}; add them or score fewer files"
+        )
+    return [table.get(f.resolve(), "") for f in files]
+
+
+def build_reward(config: ScoreConfig, has_videos: bool):
+    import rewards
+
+    if not config.rewards:
+        raise VialignInputError(
+            f"no reward: pass --reward NAME (see --list-rewards); available: "
+            f"{', '.join(i.name for i in rewards.list_rewards())}"
+        )
+    known = {info.name: info for info in rewards.list_rewards()}
+    unknown = [name for name in config.rewards if name not in known]
+    if unknown:
+        rewards.load_reward(unknown[0])  # raises the helpful unknown-name error
+    components = {}
+    for name, spec in config.rewards.items():
+        options = dict(spec.options)
+        if "device" not in options and config.device != "cpu":
+            options["device"] = config.device
+        frames = {}
+        if has_videos and known[name].modality == "image":
+            frames = {"frames": config.frames, "num_frames": config.num_frames}
+        components[name] = rewards.load_reward(name, **frames, **options)
+    return rewards.CombinedReward(components, {name: spec.weight for name, spec in config.rewards.items()})
+
+
+@dataclass
+class ScoreReport:
+    rows: list[dict] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        scored = [r for r in self.rows if r["status"] == "ok"]
+        lines = [
+            f"scored {len(scored)} of {len(self.rows)} files"
+            + (f"; {len(self.failed)} failed:" if self.failed else "")
+        ]
+        lines += [f"  {file}: {reason}" for file, reason in self.failed]
+        if scored:
+            lines.append(f"  {'column':28s} {'mean':>10s} {'std':>10s} {'min':>10s} {'max':>10s}")
+            for column in self.columns:
+                values = torch.tensor(
+                    [r[column] for r in scored if r.get(column) is not None], dtype=torch.float64
+                )
+                if len(values):
+                    std = values.std().item() if len(values) > 1 else 0.0
+                    lines.append(
+                        f"  {column:28s} {values.mean().item():10.4f} {std:10.4f} "
+                        f"{values.min().item():10.4f} {values.max().item():10.4f}"
+                    )
+        return "\n".join(lines)
+
+
+def run_score(config: ScoreConfig, *, progress: bool = True) -> ScoreReport:
+    out = Path(config.out)
+    if out.exists() and not config.overwrite:
+        raise VialignInputError(f"{out} already exists; choose another --out or pass --overwrite")
+    if not config.images:
+        raise VialignInputError("nothing to score: pass --images DIR|GLOB|FILES")
+    files = find_media(config.images)
+    import rewards
+
+    known = {info.name: info for info in rewards.list_rewards()}
+    needs_prompt = any(known[n].needs_prompt for n in config.rewards if n in known)
+    prompts = resolve_prompts(files, config, needs_prompt)
+    reward = build_reward(config, has_videos=any(is_video(f) for f in files))
+    report = ScoreReport()
+    tmp = out.with_name(f".{out.name}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    jsonl = open(tmp, "w", encoding="utf-8") if out.suffix == ".jsonl" else None  # noqa: SIM115
+    try:
+        with tqdm(total=len(files), unit="file", desc="vialign score", disable=not progress) as bar:
+            for start in range(0, len(files), config.batch_size):
+                batch = list(range(start, min(start + config.batch_size, len(files))))
+                rows = score_batch(
+                    reward, [files[i] for i in batch], [prompts[i] for i in batch], config, report
+                )
+                for row in rows:
+                    report.rows.append(row)
+                    if jsonl is not None:
+                        jsonl.write(json.dumps(row) + "\n")
+                if jsonl is not None:
+                    jsonl.flush()
+                bar.update(len(batch))
+    finally:
+        if jsonl is not None:
+            jsonl.close()
+    if out.suffix == ".csv":
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(
+                f, fieldnames=["file", "prompt", "status", "error", "total", *report.columns[1:]]
+            )
+            writer.writeheader()
+            writer.writerows(report.rows)
+    os.replace(tmp, out)
+    return report
+
+
+def score_batch(
+    reward, files: list[Path], prompts: list[str], config: ScoreConfig, report: ScoreReport
+) -> list[dict]:
+    """Rows for one batch; files of equal shape are scored together."""
+    rows: list[dict] = [
+        {"file": str(f), "prompt": p, "status": "ok", "error": None} for f, p in zip(files, prompts)
+    ]
+    groups: dict[tuple, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    for i, path in enumerate(files):
+        try:
+            pixels = read_media(path, config.max_frames)
+        except MediaError as error:
+            rows[i].update(status="error", error=str(error))
+            report.failed.append((str(path), str(error)))
+            continue
+        groups[tuple(pixels.shape)].append((i, pixels))
+    for members in groups.values():
+        index = [i for i, _ in members]
+        pixels = torch.stack([p for _, p in members]).to(config.device)
+        with torch.no_grad():
+            out = reward(pixels, [prompts[i] for i in index])
+        values = {"total": out.score, **out.dims}
+        if not report.columns:
+            report.columns = list(values)
+        for k, i in enumerate(index):
+            for name, tensor in values.items():
+                value = float(tensor[k])
+                rows[i][name] = value if math.isfinite(value) else None
+            if any(rows[i][name] is None for name in values):
+                rows[i].update(status="error", error="the reward returned NaN or inf")
+                report.failed.append((rows[i]["file"], "the reward returned NaN or inf"))
+    return rows

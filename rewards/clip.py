@@ -33,6 +33,16 @@ def _l2(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 
 
+def _embed_unique(embed, prompts: list[str]) -> torch.Tensor:
+    """Embed each distinct prompt once (G samples of one prompt share one text pass)."""
+    unique = list(dict.fromkeys(prompts))
+    if len(unique) == len(prompts):
+        return embed(prompts)
+    embeddings = embed(unique)
+    position = {prompt: i for i, prompt in enumerate(unique)}
+    return embeddings[torch.tensor([position[p] for p in prompts], device=embeddings.device)]
+
+
 def _place(module: nn.Module, device: str | torch.device, dtype: str | torch.dtype) -> nn.Module:
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -113,6 +123,9 @@ class HFCLIPEncoder(nn.Module):
         return _l2(getattr(features, "pooler_output", features).float())  # transformers 5: an output object
 
     def embed_texts(self, prompts: list[str]) -> torch.Tensor:
+        return _embed_unique(self._embed_texts, prompts)
+
+    def _embed_texts(self, prompts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(
             prompts, padding=True, truncation=True, max_length=CLIP_MAX_TOKENS, return_tensors="pt"
         )
@@ -190,6 +203,9 @@ class OpenCLIPEncoder(nn.Module):
         return _l2(self.model.encode_image(self.preprocess(pixels).to(dtype)).float())
 
     def embed_texts(self, prompts: list[str]) -> torch.Tensor:
+        return _embed_unique(self._embed_texts, prompts)
+
+    def _embed_texts(self, prompts: list[str]) -> torch.Tensor:
         return _l2(
             self.model.encode_text(self.tokenizer(prompts).to(next(self.model.parameters()).device)).float()
         )

@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rewards import clip, programmatic, video
+from rewards import clip, imagereward, programmatic, video
 from rewards.base import Reward, RewardInfo
 from rewards.errors import RewardInputError
 
@@ -31,6 +31,7 @@ REGISTRY: dict[str, Entry] = {
     "hpsv2": Entry(clip.HPS_INFO["2"], clip.load_hps("2")),
     "hpsv2.1": Entry(clip.HPS_INFO["2.1"], clip.load_hps("2.1")),
     "aesthetic": Entry(clip.AESTHETIC_INFO, clip.load_aesthetic),
+    "imagereward": Entry(imagereward.INFO, imagereward.load_imagereward),
     "brightness": Entry(programmatic.Brightness.info, _fixed(programmatic.Brightness)),
     "saturation": Entry(programmatic.Saturation.info, _fixed(programmatic.Saturation)),
     "colorfulness": Entry(programmatic.Colorfulness.info, _fixed(programmatic.Colorfulness)),

@@ -144,7 +144,9 @@ class ScoreReport:
         return "\n".join(lines)
 
 
-def run_score(config: ScoreConfig, *, progress: bool = True) -> ScoreReport:
+def run_score(config: ScoreConfig, *, progress: bool = True, reward=None) -> ScoreReport:
+    """The ``vialign score`` job. ``reward`` reuses an already-built reward (a ``rewards.Reward``)
+    instead of loading ``config.rewards``."""
     out = Path(config.out)
     if out.exists() and not config.overwrite:
         raise VialignInputError(f"{out} already exists; choose another --out or pass --overwrite")
@@ -154,9 +156,13 @@ def run_score(config: ScoreConfig, *, progress: bool = True) -> ScoreReport:
     import rewards
 
     known = {info.name: info for info in rewards.list_rewards()}
-    needs_prompt = any(known[n].needs_prompt for n in config.rewards if n in known)
+    if reward is not None:
+        needs_prompt = reward.info.needs_prompt
+    else:
+        needs_prompt = any(known[n].needs_prompt for n in config.rewards if n in known)
     prompts = resolve_prompts(files, config, needs_prompt)
-    reward = build_reward(config, has_videos=any(is_video(f) for f in files))
+    if reward is None:
+        reward = build_reward(config, has_videos=any(is_video(f) for f in files))
     report = ScoreReport()
     tmp = out.with_name(f".{out.name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)

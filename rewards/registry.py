@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rewards import clip, imagereward, programmatic, video
+from rewards import clip, imagereward, programmatic, video, vlm
 from rewards.base import Reward, RewardInfo
 from rewards.errors import RewardInputError
 
@@ -32,6 +32,9 @@ REGISTRY: dict[str, Entry] = {
     "hpsv2.1": Entry(clip.HPS_INFO["2.1"], clip.load_hps("2.1")),
     "aesthetic": Entry(clip.AESTHETIC_INFO, clip.load_aesthetic),
     "imagereward": Entry(imagereward.INFO, imagereward.load_imagereward),
+    "vqascore": Entry(vlm.VQASCORE_INFO, vlm.load_vqascore),
+    "checklist": Entry(vlm.CHECKLIST_INFO, vlm.load_checklist),
+    "multihead-vlm": Entry(vlm.MULTIHEAD_INFO, vlm.load_multihead_vlm),
     "brightness": Entry(programmatic.Brightness.info, _fixed(programmatic.Brightness)),
     "saturation": Entry(programmatic.Saturation.info, _fixed(programmatic.Saturation)),
     "colorfulness": Entry(programmatic.Colorfulness.info, _fixed(programmatic.Colorfulness)),

@@ -25,14 +25,33 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+ARCHITECTURES = {
+    "vit-b-32": {},  # CLIPConfig()'s defaults are CLIP ViT-B/32 (openai/clip-vit-base-patch32)
+    "tiny": {
+        "text_config": {
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        "projection_dim": 32,
+    },
+}
 
-def make_model(folder: Path) -> None:
+
+def make_model(folder: Path, architecture: str) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     from pipelines.tiny import clip_tokenizer
 
     torch.manual_seed(0)
-    CLIPModel(CLIPConfig()).eval().save_pretrained(folder)  # CLIPConfig() is ViT-B/32's architecture
+    CLIPModel(CLIPConfig(**ARCHITECTURES[architecture])).eval().save_pretrained(folder)
     CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=clip_tokenizer()).save_pretrained(folder)
 
 
@@ -72,6 +91,12 @@ def main() -> None:
     )
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument(
+        "--architecture",
+        choices=list(ARCHITECTURES),
+        default="vit-b-32",
+        help="vit-b-32: compute-bound on a CPU; tiny: overhead-bound, like a GPU at batch 1",
+    )
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     from vialign.config import ScoreConfig
@@ -79,7 +104,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        make_model(root / "model")
+        make_model(root / "model", args.architecture)
         (root / "images").mkdir()
         items = make_images(root / "images", args.images, args.per_prompt, args.size)
         prompts_file = root / "prompts.txt"
@@ -117,7 +142,7 @@ def main() -> None:
         ours = [row["total"] for row in report.rows]
     difference = np.abs(np.array(ours) - np.array(reference)).max()
     print(
-        f"CLIP ViT-B/32 architecture, {args.images} PNGs of {args.size}x{args.size}, {args.per_prompt} per prompt, "
+        f"CLIP {args.architecture} architecture, {args.images} PNGs of {args.size}x{args.size}, {args.per_prompt} per prompt, "
         f"{torch.get_num_threads()} threads"
     )
     print(

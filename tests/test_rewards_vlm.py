@@ -11,14 +11,28 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from tiny_vlms import save_tiny_llava, save_tiny_paligemma, save_tiny_qwen2_vl
+from tiny_vlms import (
+    save_tiny_idefics3,
+    save_tiny_llava,
+    save_tiny_paligemma,
+    save_tiny_qwen2_5_vl,
+    save_tiny_qwen2_vl,
+)
 
 import rewards
 from rewards.vlm import DEFAULT_QUESTION
 
-FAMILIES = {"qwen2_vl": save_tiny_qwen2_vl, "llava": save_tiny_llava, "paligemma": save_tiny_paligemma}
+FAMILIES = {
+    "qwen2_vl": save_tiny_qwen2_vl,
+    "qwen2_5_vl": save_tiny_qwen2_5_vl,
+    "llava": save_tiny_llava,
+    "paligemma": save_tiny_paligemma,
+    "idefics3": save_tiny_idefics3,
+}
 SIZES = {
     "qwen2_vl": (56, 84),
+    "qwen2_5_vl": (56, 84),
+    "idefics3": (64, 96),
     "llava": (224, 224),
     "paligemma": (224, 224),
 }  # sizes the processor does not resize
@@ -66,11 +80,19 @@ def by_hand(folder: str, images: np.ndarray, prompts: list[str], answer: str) ->
 
 
 @pytest.mark.parametrize(
-    "family,answer_token", [("qwen2_vl", "Yes"), ("llava", "\u0120Yes"), ("paligemma", "Yes")]
+    "family,answer_token",
+    [
+        ("qwen2_vl", "Yes"),
+        ("qwen2_5_vl", "Yes"),
+        ("llava", "\u0120Yes"),
+        ("paligemma", "Yes"),
+        ("idefics3", "\u0120Yes"),
+    ],
 )
 def test_yes_probability_is_the_softmax_of_the_answer_token(vlm_dirs, family, answer_token):
     reward = rewards.load_reward("vqascore", pretrained=vlm_dirs[family])
-    assert reward.info.differentiable
+    differentiable = family != "idefics3"  # scored through its processor on uint8 images
+    assert reward.info.differentiable is differentiable
     assert reward.yes_token_id() == reward.vlm.tokenizer.convert_tokens_to_ids(answer_token)
     height, width = SIZES[family]
     images, prompts = uint8_images(3, height, width), ["a red square", "two cats on a long sofa", "a dog"]
@@ -80,6 +102,10 @@ def test_yes_probability_is_the_softmax_of_the_answer_token(vlm_dirs, family, an
     expected = by_hand(vlm_dirs[family], images, prompts, answer_token)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-7)
     assert ours.min() > 0 and ours.max() < 1
+    if not differentiable:
+        with pytest.raises(rewards.RewardInputError, match="not differentiable"):
+            rewards.require_differentiable(reward)
+        return
     pixels = pixels[:2].clone().requires_grad_(True)
     reward(pixels, prompts[:2]).score.sum().backward()
     assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0

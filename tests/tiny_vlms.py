@@ -252,3 +252,150 @@ def save_tiny_paligemma(folder: Path, seed: int = 0) -> Path:
     PaliGemmaForConditionalGeneration(config).eval().save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def save_tiny_qwen2_5_vl(folder: Path, seed: int = 0) -> Path:
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    special = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=byte_bpe(special),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    )
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        out_hidden_size=64,
+        num_heads=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=56,
+        fullatt_block_indexes=[1],
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    Qwen2_5_VLForConditionalGeneration(config).eval().save_pretrained(folder)
+    video = Qwen2VLVideoProcessor(
+        size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 256}, cap_pixels_per_frame=False
+    )
+    Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(),
+        tokenizer=tokenizer,
+        video_processor=video,
+        chat_template=QWEN_TEMPLATE,
+    ).save_pretrained(folder)
+    return folder
+
+
+IDEFICS3_TEMPLATE = (
+    "<|begin_of_text|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<image>{% else %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def save_tiny_idefics3(folder: Path, seed: int = 0) -> Path:
+    """Idefics3 with one 364-pixel tile per image (the real processor's default upscales to 4 x 364)."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+        LlamaConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    special = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<pad>",
+        "<fake_token_around_image>",
+        "<image>",
+        "<end_of_utterance>",
+        "<global-img>",
+    ] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=byte_bpe(special),
+        bos_token="<|begin_of_text|>",
+        eos_token="<end_of_utterance>",
+        pad_token="<pad>",
+        padding_side="left",
+    )
+    image_processor = Idefics3ImageProcessor(max_image_size={"longest_edge": 364}, size={"longest_edge": 364})
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=169,
+        chat_template=IDEFICS3_TEMPLATE,
+    )
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=364,
+            patch_size=14,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(processor.tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        scale_factor=2,
+        image_token_id=processor.image_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    Idefics3ForConditionalGeneration(config).eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -56,7 +56,8 @@ def is_video(path: Path) -> bool:
 
 
 def _to_tensor(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).float() / 255
+    # channels-first and contiguous before the float conversion: batching strided tensors is slow
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(array, -1, 0))).float().div_(255)
 
 
 def read_image(path: Path) -> torch.Tensor:

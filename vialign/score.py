@@ -15,6 +15,7 @@ import logging
 import math
 import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from vialign.media import MediaError, find_media, is_video, read_media
 from vialign.sample import INDEX_FILE
 
 logger = logging.getLogger(__name__)
+READ_THREADS = 4  # image/video decoding threads per batch
 
 
 def read_prompt_table(path: Path) -> dict[Path, str]:
@@ -203,12 +205,20 @@ def score_batch(
         {"file": str(f), "prompt": p, "status": "ok", "error": None} for f, p in zip(files, prompts)
     ]
     groups: dict[tuple, list[tuple[int, torch.Tensor]]] = defaultdict(list)
-    for i, path in enumerate(files):
+
+    def read(path: Path) -> torch.Tensor | MediaError:
         try:
-            pixels = read_media(path, config.max_frames)
+            return read_media(path, config.max_frames)
         except MediaError as error:
-            rows[i].update(status="error", error=str(error))
-            report.failed.append((str(path), str(error)))
+            return error
+
+    # Decoding releases the GIL: a few threads keep the reward model fed.
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        decoded = list(pool.map(read, files))
+    for i, (path, pixels) in enumerate(zip(files, decoded)):
+        if isinstance(pixels, MediaError):
+            rows[i].update(status="error", error=str(pixels))
+            report.failed.append((str(path), str(pixels)))
             continue
         groups[tuple(pixels.shape)].append((i, pixels))
     for members in groups.values():

@@ -97,6 +97,7 @@ class GeneratorAdapter:
     default_guidance_scale: ClassVar[float]  # the stock pipeline's default guidance_scale
     default_lora_targets: ClassVar[tuple[str, ...]]
     size_multiple_extra: ClassVar[int] = 1  # patch size / packing factor on top of the VAE factor
+    default_num_steps: int = 20  # a model folder's vialign.json may set its own
 
     def __init__(
         self,

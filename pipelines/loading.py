@@ -30,6 +30,9 @@ ADAPTERS: dict[str, type[GeneratorAdapter]] = {
     "FluxPipeline": FluxAdapter,
 }
 BUILTIN_PREFIX = "tiny-"
+# Shipped pretrained testbed models (assets/shapeworld, installed as the package vialign_assets).
+SHIPPED = {"shapeworld": ("shapeworld", "flow"), "shapeworld-unet": ("shapeworld", "unet")}
+DEFAULTS_FILE = "vialign.json"  # sampling defaults a model folder may carry (guidance_scale, num_steps, ...)
 
 
 def supported_pipelines() -> list[str]:
@@ -38,10 +41,33 @@ def supported_pipelines() -> list[str]:
 
 
 def builtin_models() -> list[str]:
-    """Names that load without any file: tiny random pipelines of each family."""
+    """Names that load without a download: the shipped testbed models and tiny random pipelines."""
     from pipelines.tiny import FAMILIES
 
-    return [BUILTIN_PREFIX + family for family in FAMILIES]
+    return [*SHIPPED, *(BUILTIN_PREFIX + family for family in FAMILIES)]
+
+
+def shipped_model_path(name: str) -> str:
+    """Folder of a shipped model (``shapeworld``, ``shapeworld-unet``)."""
+    import vialign_assets
+
+    folder = vialign_assets.path(*SHIPPED[name])
+    if not (folder / "model_index.json").is_file():
+        raise ModelNotFoundError(
+            f"the shipped model {name!r} is missing from {folder}; reinstall vialign, or rebuild it with "
+            "python -m vialign.testbed.build"
+        )
+    return str(folder)
+
+
+def model_defaults(path_or_id: str) -> dict[str, Any]:
+    """Sampling defaults stored with a model folder (``vialign.json``), or {}."""
+    folder = shipped_model_path(path_or_id) if path_or_id in SHIPPED else path_or_id
+    file = os.path.join(folder, DEFAULTS_FILE)
+    if not os.path.isfile(file):
+        return {}
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def read_model_index(path_or_id: str) -> dict[str, Any]:
@@ -118,6 +144,12 @@ def load_pipeline(
     """
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
+    model_id = path_or_id
+    if path_or_id in SHIPPED:
+        path_or_id = shipped_model_path(path_or_id)
+    defaults = model_defaults(path_or_id) if os.path.isdir(path_or_id) else {}
+    if max_sequence_length is None:
+        max_sequence_length = defaults.get("max_sequence_length")
     options = dict(
         device=device,
         dtype=torch_dtype,
@@ -145,7 +177,8 @@ def load_pipeline(
             load_kwargs["variant"] = variant
         if cls is StableDiffusionAdapter:
             load_kwargs.update(safety_checker=None, requires_safety_checker=False)
-        if cls is StableDiffusion3Adapter and not use_t5:
+        saved_without_t5 = index.get("text_encoder_3") in (None, [None, None])  # e.g. the ShapeWorld testbed
+        if cls is StableDiffusion3Adapter and (not use_t5 or saved_without_t5):
             load_kwargs.update(text_encoder_3=None, tokenizer_3=None)
         try:
             pipe = cls.pipeline_class.from_pretrained(path_or_id, **load_kwargs)
@@ -153,7 +186,10 @@ def load_pipeline(
             raise ModelNotFoundError(
                 f"could not load the {index.get('_class_name')} at {path_or_id!r}: {error}"
             ) from error
-    adapter = cls.from_pipeline(pipe, model_id=path_or_id, **options)
+    adapter = cls.from_pipeline(pipe, model_id=model_id, **options)
+    if "guidance_scale" in defaults:
+        adapter.default_guidance_scale = float(defaults["guidance_scale"])
+    adapter.default_num_steps = int(defaults.get("num_steps", adapter.default_num_steps))
     if lora is not None:
         adapter.load_lora(lora)
     return adapter

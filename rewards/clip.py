@@ -126,8 +126,9 @@ class HFCLIPEncoder(nn.Module):
         return _embed_unique(self._embed_texts, prompts)
 
     def _embed_texts(self, prompts: list[str]) -> torch.Tensor:
+        max_length = min(CLIP_MAX_TOKENS, self.tokenizer.model_max_length)  # tiny CLIPs have shorter contexts
         tokens = self.tokenizer(
-            prompts, padding=True, truncation=True, max_length=CLIP_MAX_TOKENS, return_tensors="pt"
+            prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
         tokens = {k: v.to(self.model.device) for k, v in tokens.items()}
         features = self.model.get_text_features(**tokens)

@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rewards import clip, imagereward, programmatic, video, vlm
+from rewards import clip, imagereward, programmatic, shapeworld, video, vlm
 from rewards.base import Reward, RewardInfo
 from rewards.errors import RewardInputError
 
@@ -42,6 +42,8 @@ REGISTRY: dict[str, Entry] = {
     "jpeg-incompressibility": Entry(
         programmatic.JPEGSize(+1).info, _fixed(lambda: programmatic.JPEGSize(+1))
     ),
+    "shapeworld-oracle": Entry(shapeworld.ShapeWorldOracle.info, _fixed(shapeworld.ShapeWorldOracle)),
+    "shapeworld-clip": Entry(shapeworld.ShapeWorldCLIP.info, shapeworld.load_shapeworld_clip),
     "temporal-consistency": Entry(video.TemporalConsistency.info, video.load_temporal_consistency),
 }
 

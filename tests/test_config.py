@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from vialign.config import SampleConfig, load_config, parse_override
+from vialign.config import EvalConfig, SampleConfig, load_config, parse_override
 from vialign.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.rglob("*.yaml"))
-SCHEMAS = {"sample": SampleConfig}
+SCHEMAS = {"sample": SampleConfig, "eval": EvalConfig}
 
 
 def test_every_config_file_is_checked():
@@ -25,7 +25,7 @@ def test_config_file_validates(path):
     schema = SCHEMAS[path.stem.split("_")[0]]
     config = load_config(schema, path)
     assert config.model.path
-    if config.model.path.startswith("tiny-"):
+    if config.model.path.startswith("tiny-") or config.model.path.startswith("shapeworld"):
         from pipelines import builtin_models
 
         assert config.model.path in builtin_models()

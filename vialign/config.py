@@ -33,7 +33,9 @@ class ModelConfig(StrictModel):
     """Which generator to load, and where."""
 
     path: str = Field(
-        "tiny-sd3", description="diffusers pipeline folder, Hugging Face hub id, or built-in tiny-* model"
+        "shapeworld",
+        description="diffusers pipeline folder, Hugging Face hub id, or a built-in: "
+        "shapeworld, shapeworld-unet (pretrained testbed), tiny-* (random)",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="compute dtype of denoiser and text encoders"
@@ -75,7 +77,9 @@ class SamplerConfig(StrictModel):
     sde_window: tuple[int, int] | None = Field(
         None, description="[start, stop) of the stochastic steps; default all"
     )
-    num_steps: int = Field(20, ge=1, le=1000, description="denoising steps")
+    num_steps: int | None = Field(
+        None, ge=1, le=1000, description="denoising steps; default the model's (20)"
+    )
     guidance_scale: float | None = Field(
         None,
         ge=0,
@@ -159,6 +163,22 @@ class ScoreConfig(StrictModel):
         if not value.endswith((".jsonl", ".csv")):
             raise ValueError(f"must end in .jsonl or .csv, not {value!r}")
         return value
+
+
+class EvalConfig(StrictModel):
+    """``vialign eval``: sample the ShapeWorld prompts and judge the samples with the oracle."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    prompts: str = Field("held_out", description="held_out, train, all, or a file of ShapeWorld prompts")
+    samples_per_prompt: int = Field(
+        8, ge=1, le=1024, description="images per prompt (seeds seed .. seed+N-1)"
+    )
+    seed: int = Field(0, ge=0, le=2**62, description="first seed of every prompt")
+    rewards: list[str] = Field(default_factory=list, description="rewards whose mean is reported too")
+    batch_size: int = Field(256, ge=1, le=4096, description="images per sampling batch")
+    out: str = Field("eval", description="output folder: eval.json and grid.png")
+    overwrite: bool = Field(False, description="replace an existing eval.json")
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

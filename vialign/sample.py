@@ -145,7 +145,8 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
         )
     else:
         sampler = Sampler()
-    sampler.check(adapter.schedule(sampler_config.num_steps, height, width))
+    num_steps = sampler_config.num_steps or adapter.default_num_steps
+    sampler.check(adapter.schedule(num_steps, height, width))
     guidance = adapter.make_guidance(sampler_config.guidance_scale, sampler_config.true_cfg_scale)
     if sampler_config.negative_prompt is not None and not guidance.uses_uncond:
         logger.warning("the negative prompt has no effect: classifier-free guidance is off (scale <= 1)")
@@ -158,7 +159,7 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
         "sde_kind": sampler.sde,
         "noise_level": sampler.level if sampler.sde else None,
         "sde_window": list(sampler.sde_window) if sampler.sde_window else None,
-        "num_steps": sampler_config.num_steps,
+        "num_steps": num_steps,
         "guidance_scale": guidance.embedded if guidance.embedded is not None else guidance.cfg_scale,
         "true_cfg_scale": sampler_config.true_cfg_scale if adapter.family == "flux" else None,
         "negative_prompt": sampler_config.negative_prompt,
@@ -176,7 +177,7 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
             adapter,
             prompts,
             seeds,
-            num_steps=sampler_config.num_steps,
+            num_steps=num_steps,
             height=height,
             width=width,
             guidance=guidance,

@@ -6,6 +6,7 @@ small enough and travel in the wheel."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -132,19 +133,9 @@ def test_assets_fit_the_budget():
 @pytest.mark.slow
 def test_wheel_ships_the_assets(tmp_path):
     repo = Path(__file__).resolve().parents[1]
+    pip = [sys.executable, "-m", "pip"]
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(repo),
-        ],
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(repo)],
         check=True,
         capture_output=True,
         timeout=600,
@@ -158,6 +149,29 @@ def test_wheel_ships_the_assets(tmp_path):
         "vialign_assets/__init__.py",
     ):
         assert needed in names
+    # installed from the wheel (not the checkout), the names resolve inside the installed package
+    target = tmp_path / "site"
+    subprocess.run(
+        [*pip, "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    code = (
+        "import pipelines; from pipelines.loading import shipped_model_path; "
+        "print(shipped_model_path('shapeworld')); print(shipped_model_path('shapeworld-unet')); "
+        "print(pipelines.__file__)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert all(line.startswith(str(target)) for line in result.stdout.split()), result.stdout
 
 
 @pytest.mark.slow

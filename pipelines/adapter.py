@@ -145,6 +145,11 @@ class GeneratorAdapter:
         return self._device
 
     @property
+    def unwrapped_denoiser(self) -> nn.Module:
+        """The denoiser itself, also while a trainer has put a wrapper (DDP) in ``denoiser``."""
+        return self.components[self.denoiser_name]
+
+    @property
     def dtype(self) -> torch.dtype:
         """The denoiser's (and text encoders') compute dtype."""
         return self._dtype
@@ -164,7 +169,7 @@ class GeneratorAdapter:
                 module.to(dtype=module_dtype)
             module.to(device=self._device)
         # LoRA master weights stay float32 whatever the base dtype.
-        for name, param in self.denoiser.named_parameters():
+        for name, param in self.unwrapped_denoiser.named_parameters():
             if "lora_" in name:
                 param.data = param.data.float()
         return self
@@ -427,7 +432,7 @@ class GeneratorAdapter:
             init_lora_weights=True,
         )
         try:
-            self.denoiser.add_adapter(config, adapter_name=adapter_name)
+            self.unwrapped_denoiser.add_adapter(config, adapter_name=adapter_name)
         except ValueError as error:
             raise PipelineInputError(f"could not attach LoRA to the {self.denoiser_name}: {error}") from error
         self.to()
@@ -436,7 +441,11 @@ class GeneratorAdapter:
         return config
 
     def lora_parameters(self, adapter_name: str = "default") -> list[nn.Parameter]:
-        return [p for n, p in self.denoiser.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
+        return [
+            p
+            for n, p in self.unwrapped_denoiser.named_parameters()
+            if "lora_" in n and f".{adapter_name}." in n
+        ]
 
     def save_lora(self, directory: str | os.PathLike, adapter_name: str = "default") -> str:
         """Write the LoRA so that stock ``pipe.load_lora_weights(directory)`` loads it; returns the file.
@@ -446,12 +455,12 @@ class GeneratorAdapter:
         """
         from peft.utils import get_peft_model_state_dict
 
-        peft_config = getattr(self.denoiser, "peft_config", {}).get(adapter_name)
+        peft_config = getattr(self.unwrapped_denoiser, "peft_config", {}).get(adapter_name)
         if peft_config is None:
             raise PipelineInputError(f"the {self.denoiser_name} has no LoRA adapter named {adapter_name!r}")
         # peft's lora_A / lora_B keys, prefixed with the component name by save_lora_weights: the layout
         # diffusers' own LoRA training scripts write for SD3 and FLUX, and that its loaders read for all.
-        state = get_peft_model_state_dict(self.denoiser, adapter_name=adapter_name)
+        state = get_peft_model_state_dict(self.unwrapped_denoiser, adapter_name=adapter_name)
         os.makedirs(directory, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-lora-") as tmp:
             self.pipeline_class.save_lora_weights(
@@ -475,22 +484,45 @@ class GeneratorAdapter:
             folder, weight_name = os.path.dirname(path) or ".", os.path.basename(path)
         if not os.path.isfile(os.path.join(folder, weight_name)):
             raise PipelineInputError(f"no LoRA weights at {os.path.join(folder, weight_name)}")
-        self.denoiser.load_lora_adapter(
+        self.unwrapped_denoiser.load_lora_adapter(
             folder, weight_name=weight_name, prefix=self.denoiser_name, adapter_name=adapter_name
         )
         self.to()
 
+    def save_pipeline(self, directory: str | os.PathLike) -> None:
+        """Write the whole model as a stock diffusers pipeline folder (safetensors), atomically: into a
+        temporary folder next to ``directory``, renamed into place when complete."""
+        import inspect
+
+        directory = os.path.abspath(os.fspath(directory))
+        if os.path.exists(directory):
+            raise PipelineInputError(f"{directory} already exists; choose a new folder")
+        parameters = inspect.signature(self.pipeline_class.__init__).parameters
+        components = {name: self.components.get(name) for name in parameters if name != "self"}
+        components = {
+            n: c for n, c in components.items() if c is not None or parameters[n].default is inspect._empty
+        }
+        if "requires_safety_checker" in parameters:
+            components["requires_safety_checker"] = False
+        pipe = self.pipeline_class(**components)
+        parent = os.path.dirname(directory)
+        os.makedirs(parent, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=parent, prefix=".tmp-pipeline-") as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            os.replace(tmp, directory)
+            os.makedirs(tmp)  # TemporaryDirectory removes it on exit
+
     @contextlib.contextmanager
     def lora_disabled(self) -> Iterator[None]:
         """The base model: LoRA adapters off inside the block (the reference policy of KL terms)."""
-        if not getattr(self.denoiser, "_hf_peft_config_loaded", False):
+        if not getattr(self.unwrapped_denoiser, "_hf_peft_config_loaded", False):
             yield
             return
-        self.denoiser.disable_adapters()
+        self.unwrapped_denoiser.disable_adapters()
         try:
             yield
         finally:
-            self.denoiser.enable_adapters()
+            self.unwrapped_denoiser.enable_adapters()
 
 
 def _check_prompts(prompts: Sequence[str]) -> list[str]:

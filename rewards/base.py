@@ -125,6 +125,11 @@ class Reward(nn.Module):
             name=self.info.name,
         )
         output = self.score(pixels, prompts)
+        if output.score.shape != (pixels.shape[0],):
+            raise RewardInputError(
+                f"reward {self.info.name!r} returned scores of shape {tuple(output.score.shape)} for "
+                f"{pixels.shape[0]} inputs; a reward must return one score per image or video"
+            )
         return RewardOutput(score=output.score.float(), dims={k: v.float() for k, v in output.dims.items()})
 
     def score(self, pixels: torch.Tensor, prompts: list[str]) -> RewardOutput:

@@ -186,3 +186,13 @@ def test_installed_command_reports_user_errors_without_traceback(tmp_path):
         "model 'no-such-org/no-such-model' not found" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
     )
     assert "Traceback" not in result.stderr
+
+
+def test_python_dash_m_vialign_is_the_command():
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "vialign", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.startswith("vialign ")

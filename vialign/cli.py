@@ -153,7 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--overwrite", action="store_const", const=True, help="replace an existing eval.json"
     )
+    train = commands.add_parser(
+        "train",
+        help="align a model with rewards (GRPO) from a YAML config",
+        description="Train from a config (see configs/quickstart.yaml); any key can be overridden as key=value, "
+        "e.g. output_dir=runs/x train.max_steps=10. Multi-GPU: accelerate launch -m vialign train CONFIG.",
+    )
+    train.add_argument("config", help="YAML config with the keys of TrainConfig")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in output_dir from its latest complete checkpoint",
+    )
     return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vialign.config import TrainConfig, load_config
+    from vialign.trainer import run_train
+
+    config = load_config(TrainConfig, args.config, args.overrides)
+    _quiet_libraries()
+    metrics = run_train(config, resume=args.resume)
+    evaluated = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval/")}
+    print(f"final step: reward {metrics.get('reward/mean', float('nan')):.4f}; {evaluated}")
+    print(f"wrote {Path(config.output_dir) / 'final'} and {Path(config.output_dir) / 'metrics.jsonl'}")
+    return 0
 
 
 EVAL_FLAGS = {
@@ -314,7 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("vialign", "pipelines", "rewards"):
         logging.getLogger(name).setLevel(logging.INFO)
     try:
-        return {"sample": cmd_sample, "score": cmd_score, "eval": cmd_eval}[args.command](args)
+        return {"sample": cmd_sample, "score": cmd_score, "eval": cmd_eval, "train": cmd_train}[args.command](
+            args
+        )
     except (VialignInputError, PipelineInputError, RewardInputError, FileNotFoundError) as error:
         if os.environ.get("VIALIGN_DEBUG"):
             raise

@@ -181,6 +181,170 @@ class EvalConfig(StrictModel):
     overwrite: bool = Field(False, description="replace an existing eval.json")
 
 
+class DataConfig(StrictModel):
+    """Prompt data: train and held-out eval prompts."""
+
+    train: str = Field(
+        "shapeworld:train",
+        description="text file (one prompt per line), JSONL with a prompt column, hf:NAME[:SPLIT] "
+        "(a Hugging Face dataset) or a saved dataset folder; built-ins shapeworld:train, shapeworld:held_out",
+    )
+    eval: str | None = Field(
+        "shapeworld:held_out", description="held-out prompts in the same forms; null: split off eval_fraction"
+    )
+    prompt_column: str = Field("prompt", description="column of JSONL / dataset rows holding the prompt")
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="with eval=null: this fraction of the train prompts is held out (seeded)"
+    )
+
+
+class FinetuneConfig(StrictModel):
+    """What is trained."""
+
+    method: Literal["lora", "full"] = Field("lora", description="lora (peft adapters) or full fine-tuning")
+    lora_rank: int = Field(16, ge=1, le=1024, description="LoRA rank")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; default = rank")
+    lora_targets: list[str] | None = Field(
+        None, description="module names to adapt; default the family's attention projections"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the denoiser's activations in the backward pass (less memory)"
+    )
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="EMA of the trainable weights (0: off); evaluation and export use it"
+    )
+    reference_on_cpu: bool = Field(
+        False, description="full fine-tuning with KL: keep the frozen reference copy on the CPU"
+    )
+
+
+class OptimConfig(StrictModel):
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw, or adamw8bit (needs bitsandbytes and a GPU)"
+    )
+    lr: float = Field(3e-4, gt=0, le=1, description="peak learning rate")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm (null: off)")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="decay after warm-up, to 0 at max_steps"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+
+
+class TrainSamplerConfig(StrictModel):
+    """How rollouts are sampled (the policy GRPO trains)."""
+
+    num_steps: int | None = Field(None, ge=1, le=1000, description="denoising steps; default the model's")
+    sde_kind: Literal["ddim", "flow-sde", "dance-sde", "cps"] | None = Field(
+        None, description="ddim (UNet), flow-sde, dance-sde or cps (flow); default ddim / flow-sde"
+    )
+    noise_level: float | None = Field(None, ge=0, le=10, description="eta or a of the SDE; default per SDE")
+    sde_window: tuple[int, int] | None = Field(
+        None, description="[start, stop): only these steps are stochastic and trained; default all"
+    )
+    window_shift_every: int = Field(
+        0, ge=0, description="move the SDE window one step later every this many training steps (0: fixed)"
+    )
+    guidance_scale: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="CFG (FLUX: guidance embedding) in rollouts and training; "
+        "1 turns CFG off; default the model's",
+    )
+    height: int | None = Field(None, ge=8, le=8192, description="image height; default the model's")
+    width: int | None = Field(None, ge=8, le=8192, description="image width; default the model's")
+
+    @field_validator("sde_window")
+    @classmethod
+    def _window(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not 0 <= value[0] < value[1]:
+            raise ValueError(f"must be [start, stop) with 0 <= start < stop, got {list(value)}")
+        return value
+
+
+class GRPOConfig(StrictModel):
+    """GRPO (DESIGN.md section 5)."""
+
+    group_size: int = Field(8, ge=2, le=1024, description="samples per prompt (G)")
+    prompts_per_step: int = Field(8, ge=1, le=4096, description="prompts per training step (all processes)")
+    advantage_std: Literal["group", "global"] = Field("group", description="normalise by group or batch std")
+    advantage_clip: float | None = Field(5.0, gt=0, description="clip advantages to +-this (null: off)")
+    drop_zero_std_groups: bool = Field(True, description="skip groups whose rewards are all equal")
+    per_prompt_stats: bool = Field(False, description="DDPO: z-score against a per-prompt reward buffer")
+    stats_buffer_size: int = Field(32, ge=2, description="per_prompt_stats: rewards kept per prompt")
+    stats_min_count: int = Field(16, ge=1, description="per_prompt_stats: below this, use batch stats")
+    reward_mode: Literal["sum", "per_reward"] = Field(
+        "sum", description="advantages of the weighted reward sum, or per-reward advantages summed"
+    )
+    clip_range: float = Field(1e-4, gt=0, le=10, description="PPO clip range c of the ratio")
+    log_prob_reduction: Literal["sum", "mean"] = Field(
+        "mean", description="log-probs summed over latent dims (exact) or averaged (published recipes)"
+    )
+    kl_beta: float = Field(0.0, ge=0, description="KL-to-reference coefficient beta")
+    train_steps: Literal["all", "all_but_last", "first", "random"] = Field(
+        "all", description="which stochastic steps are trained"
+    )
+    step_fraction: float = Field(1.0, gt=0, le=1, description="fraction of steps for first / random")
+    inner_epochs: int = Field(1, ge=1, le=100, description="passes over each rollout batch")
+    micro_batch_size: int = Field(
+        8, ge=1, le=4096, description="samples per denoiser call in rollouts and training (memory)"
+    )
+
+
+class TrainLoopConfig(StrictModel):
+    max_steps: int = Field(100, ge=1, description="training steps (one rollout batch + update each)")
+    checkpoint_every: int = Field(50, ge=0, description="save a resumable checkpoint every N steps (0: off)")
+    checkpoints_kept: int = Field(2, ge=1, description="keep the newest N checkpoints")
+    eval_every: int = Field(50, ge=0, description="evaluate on the held-out prompts every N steps (0: off)")
+    eval_at_start: bool = Field(True, description="evaluate before the first step too")
+    log_every: int = Field(1, ge=1, description="write metrics every N steps")
+    tensorboard: bool = Field(True, description="also log to TensorBoard (output_dir/tensorboard)")
+
+
+class TrainEvalConfig(StrictModel):
+    """Periodic evaluation on held-out prompts (ODE sampling at fixed seeds)."""
+
+    rewards: list[str] = Field(
+        default_factory=list,
+        description="rewards reported as eval/<name>: may differ from the training rewards (reward-hacking "
+        "check); shapeworld-oracle also logs eval/oracle_accuracy. Default: the training rewards",
+    )
+    max_prompts: int | None = Field(None, ge=1, description="evaluate at most this many prompts")
+    samples_per_prompt: int = Field(4, ge=1, le=1024, description="images per prompt (seeds 0..N-1)")
+    num_steps: int | None = Field(None, ge=1, le=1000, description="ODE steps; default the model's")
+    guidance_scale: float | None = Field(None, ge=0, le=100, description="default the model's")
+    batch_size: int = Field(64, ge=1, le=4096, description="images per sampling batch")
+
+
+class TrainConfig(StrictModel):
+    """``vialign train``: align a generator with rewards (GRPO)."""
+
+    algorithm: Literal["grpo"] = Field("grpo", description="the training algorithm")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    output_dir: str = Field("runs/train", description="metrics, TensorBoard logs, checkpoints, final weights")
+    overwrite: bool = Field(False, description="start over in an output_dir that holds an earlier run")
+    seed: int = Field(0, ge=0, le=2**62, description="seeds prompts, noise and step choice")
+    data: DataConfig = Field(default_factory=DataConfig)
+    rewards: dict[str, RewardSpec] = Field(
+        default_factory=lambda: {"shapeworld-clip": RewardSpec()}, description="training rewards and weights"
+    )
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    sampler: TrainSamplerConfig = Field(default_factory=TrainSamplerConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
+    eval: TrainEvalConfig = Field(default_factory=TrainEvalConfig)
+
+    @model_validator(mode="after")
+    def _needs_rewards(self) -> TrainConfig:
+        if not self.rewards:
+            raise ValueError("rewards: at least one training reward is needed, e.g. rewards: {pickscore: {}}")
+        return self
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML mapping from ``path``; a missing file or malformed YAML is a ConfigError."""
     path = os.fspath(path)
@@ -213,7 +377,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, dict):  # "a: b" would read as a mapping; a string was meant
+    if isinstance(value, dict) and not raw.strip().startswith(
+        "{"
+    ):  # "a: b" reads as a mapping; a string was meant
         value = raw
     return key, value
 

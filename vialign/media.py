@@ -8,6 +8,7 @@ animated GIFs through Pillow) become ``3 x T x H x W``. A file that cannot be de
 from __future__ import annotations
 
 import glob
+import math
 import os
 from pathlib import Path
 
@@ -102,3 +103,18 @@ def read_media(path: Path, max_frames: int = 64) -> torch.Tensor:
         video = read_video(path, max_frames)
         return video[:, 0] if path.suffix.lower() == ".gif" and video.shape[1] == 1 else video
     return read_image(path)
+
+
+def save_grid(pixels: torch.Tensor, path: str | os.PathLike, columns: int, scale: int = 2) -> None:
+    """Images ``N x 3 x H x W`` in [0, 1] as one PNG, ``columns`` per row, 2 px white gaps, upscaled."""
+    images = (
+        (pixels.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    )
+    rows = max(1, math.ceil(len(images) / columns))
+    height, width = images.shape[1:3]
+    grid = np.full((rows * (height + 2), columns * (width + 2), 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * (height + 2) : r * (height + 2) + height, c * (width + 2) : c * (width + 2) + width] = image
+    size = (grid.shape[1] * scale, grid.shape[0] * scale)
+    Image.fromarray(grid).resize(size, Image.NEAREST).save(path)

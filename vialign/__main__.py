@@ -1,0 +1,7 @@
+"""``python -m vialign ...`` (and ``accelerate launch -m vialign train CONFIG``) = the ``vialign`` command."""
+
+import sys
+
+from vialign.cli import main
+
+sys.exit(main())

@@ -1,0 +1,108 @@
+"""Resumable training checkpoints, written atomically: safetensors for tensors, JSON for the rest.
+
+A checkpoint is a folder ``checkpoint-<step>`` holding ``tensors.safetensors`` (trainable weights,
+optimizer moments, EMA) and ``state.json`` (step, optimizer hyper-parameters, algorithm state). It is
+written into a hidden temporary folder and renamed into place only when complete, so a write that is
+interrupted (killed process, full disk) never leaves a folder that looks valid: readers only take
+``checkpoint-<step>`` folders that contain ``state.json``, and the previous checkpoint is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vialign.errors import VialignInputError
+
+PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer's state as (tensors by name, JSON-able rest): safetensors cannot hold nested dicts."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    root: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 2
+) -> Path:
+    """Write ``root/checkpoint-<step>`` atomically, then delete all but the newest ``keep``.
+
+    Any failure while writing (e.g. ``OSError: No space left on device``) is raised as a
+    :class:`VialignInputError` naming the folder; the temporary folder is removed and earlier
+    checkpoints stay as they were.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-checkpoint-{step}-"))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "tensors.safetensors")
+        with open(tmp / "state.json", "w", encoding="utf-8") as f:
+            json.dump({"step": step, **state}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if target.exists():  # a checkpoint of the same step (a re-run after resume): replace it
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise VialignInputError(
+            f"could not write checkpoint {target}: {error}; the previous checkpoints are intact "
+            "(free some disk space, or set train.checkpoint_every=0)"
+        ) from error
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (temporary and incomplete folders skipped)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = PATTERN.match(path.name)
+        if match and (path / "state.json").is_file() and (path / "tensors.safetensors").is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        tensors = load_file(path / "tensors.safetensors")
+    except (OSError, ValueError) as error:
+        raise VialignInputError(f"checkpoint {path} is unreadable: {error}") from error
+    return tensors, state

@@ -1,0 +1,531 @@
+"""The shared trainer: everything a training algorithm needs that is not the algorithm itself.
+
+    vialign train configs/quickstart.yaml                   # one process
+    accelerate launch --multi_gpu --num_processes 2 -m vialign train configs/quickstart.yaml
+
+It owns prompt data (train and held-out), the generator adapter with LoRA or full fine-tuning, the
+training rewards, AdamW with warm-up and decay, gradient clipping, an EMA of the trainable weights,
+processes (accelerate: the denoiser wrapped in DDP for the gradient pass; rollouts, references and
+evaluation run on the unwrapped module), periodic evaluation with its own rewards and a diversity
+measure, logging (``metrics.jsonl`` + TensorBoard), atomic checkpoints with resume, and the final export
+(diffusers LoRA weights, or a full pipeline folder). The algorithm (``vialign.algorithms``) gets the
+trainer and does one training step at a time.
+
+Every source of randomness is keyed by (seed, step, global sample index): prompts, initial and SDE
+noise, the choice of trained steps. A run therefore needs no RNG state to resume, and N processes
+draw exactly the samples one process would draw for the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from vialign.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    save_checkpoint,
+)
+from vialign.config import TrainConfig
+from vialign.data import load_prompts, split_prompts
+from vialign.errors import VialignInputError
+
+logger = logging.getLogger(__name__)
+
+SHAPEWORLD_ORACLE = "shapeworld-oracle"
+
+
+def sample_seed(seed: int, step: int, index: int) -> int:
+    """The noise seed of global sample ``index`` at training ``step``: independent of processes."""
+    return ((seed * 1_000_003 + step) * 1_048_576 + index) % (2**63 - 1)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at ``step`` (1-based): linear warm-up, then the schedule."""
+    if warmup and step <= warmup:
+        return step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+class MetricsLogger:
+    """``metrics.jsonl`` (one object per logged step: ``step`` and metric names) and TensorBoard."""
+
+    def __init__(self, output_dir: Path, tensorboard: bool, resume_step: int | None):
+        self.path = output_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            # rows written after the checkpoint are re-made (identically) by the resumed run
+            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in rows if json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise VialignInputError(
+                    "train.tensorboard=true needs the tensorboard package (pip install tensorboard); "
+                    "or set train.tensorboard=false"
+                ) from None
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **{k: (float(v) if v is not None else None) for k, v in metrics.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for name, value in metrics.items():
+                if value is not None and math.isfinite(float(value)):
+                    self.writer.add_scalar(name, float(value), step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Trainer:
+    """Set up from a :class:`TrainConfig`; :meth:`train` runs it. See the module docstring."""
+
+    def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool = True):
+        from accelerate import Accelerator
+
+        self.config, self.progress = config, progress
+        # without CUDA (or when asked for the CPU), processes started by `accelerate launch` / torchrun
+        # form a gloo group on the CPU; Accelerator() alone would leave each one on its own
+        on_cpu = config.model.device == "cpu" or not torch.cuda.is_available()
+        self.accelerator = Accelerator(cpu=on_cpu)
+        self.output_dir = Path(config.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self._check_output_dir(resume)
+        self.train_prompts, self.eval_prompts = self._prompts()
+        self.adapter = self._load_model()
+        self.trainable = self._setup_finetuning()
+        self.reward = self._load_rewards()
+        self.optimizer = self._optimizer()
+        self.ema = [p.detach().clone().float() for p in self.trainable] if config.finetune.ema_decay else None
+        self.reference_denoiser = self._reference()
+        denoiser = self.adapter.unwrapped_denoiser
+        self.wrapped_denoiser = (
+            self.accelerator.prepare_model(denoiser) if self.accelerator.num_processes > 1 else denoiser
+        )
+        from vialign.algorithms import build_algorithm
+
+        self.algorithm = build_algorithm(config, self)
+        self.counters = {"nonfinite_groups": 0, "skipped_updates": 0}
+        self.start_step = 1
+        resume_step = self._resume() if resume else None
+        self.metrics = (
+            MetricsLogger(self.output_dir, config.train.tensorboard, resume_step) if self.is_main else None
+        )
+        if self.is_main and resume_step is None:
+            (self.output_dir / "config.yaml").write_text(
+                yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+            )
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    def _check_output_dir(self, resume: bool) -> None:
+        earlier = (self.output_dir / "metrics.jsonl").exists() or list_checkpoints(self.checkpoint_dir)
+        if resume:
+            if not list_checkpoints(self.checkpoint_dir):
+                raise VialignInputError(
+                    f"--resume: no complete checkpoint in {self.checkpoint_dir}; start without --resume"
+                )
+            return
+        if earlier and not self.config.overwrite:
+            raise VialignInputError(
+                f"{self.output_dir} holds an earlier run; pass --resume to continue it, overwrite=true to "
+                "start over (its checkpoints and metrics are deleted), or choose another output_dir=..."
+            )
+        if earlier and self.is_main:
+            for name in ("checkpoints", "tensorboard", "final", "eval"):
+                shutil.rmtree(self.output_dir / name, ignore_errors=True)
+            (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def _prompts(self) -> tuple[list[str], list[str]]:
+        data = self.config.data
+        train = load_prompts(data.train, data.prompt_column)
+        if data.eval is not None:
+            return train, list(dict.fromkeys(load_prompts(data.eval, data.prompt_column)))
+        if data.eval_fraction > 0:
+            return split_prompts(train, data.eval_fraction, self.config.seed)
+        return train, []
+
+    def _load_model(self):
+        from pipelines import load_pipeline
+
+        model = self.config.model
+        device = self.accelerator.device if model.device == "auto" else model.device
+        return load_pipeline(
+            model.path,
+            device=device,
+            dtype=model.dtype,
+            attention=model.attention,
+            use_t5=model.use_t5,
+            max_sequence_length=model.max_sequence_length,
+            clip_skip=model.clip_skip,
+        )
+
+    def _setup_finetuning(self) -> list[torch.nn.Parameter]:
+        finetune, adapter = self.config.finetune, self.adapter
+        denoiser = adapter.unwrapped_denoiser
+        if finetune.method == "lora":
+            if self.config.model.lora:
+                adapter.load_lora(self.config.model.lora)  # continue training these LoRA weights
+                for param in adapter.lora_parameters():
+                    param.data = param.data.float()
+                    param.requires_grad_(True)
+            else:
+                with torch.random.fork_rng(devices=[]):  # LoRA A is drawn at random: same seed, same start
+                    torch.manual_seed(self.config.seed)
+                    adapter.add_lora(finetune.lora_rank, finetune.lora_alpha, finetune.lora_targets)
+            params = adapter.lora_parameters()
+        else:
+            if self.config.model.lora:
+                raise VialignInputError(
+                    "model.lora is for finetune.method=lora; fuse it first for full fine-tuning"
+                )
+            denoiser.requires_grad_(True)
+            params = [p for p in denoiser.parameters()]
+        if finetune.gradient_checkpointing:
+            if not hasattr(denoiser, "enable_gradient_checkpointing"):
+                raise VialignInputError(
+                    f"the {adapter.denoiser_name} does not support gradient checkpointing"
+                )
+            denoiser.enable_gradient_checkpointing()
+        denoiser.train()  # diffusers denoisers have no dropout by default; train() only matters for ones that do
+        return params
+
+    def _load_rewards(self):
+        import rewards
+
+        specs = self.config.rewards
+        reward = rewards.combine(
+            {name: spec.weight for name, spec in specs.items()},
+            {name: spec.options for name, spec in specs.items()},
+        )
+        judges = [name for name, r in reward.components.items() if r.info.judge]
+        if judges:
+            logger.warning(
+                "training on %s, an evaluation judge: improvements it measures are no longer held out", judges
+            )
+        return reward.to(self.adapter.device).eval()
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        optim = self.config.optim
+        if optim.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise VialignInputError(
+                    "optim.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes, CUDA only); "
+                    "or use optim.optimizer=adamw"
+                ) from None
+            cls = bnb.optim.AdamW8bit
+        else:
+            cls = torch.optim.AdamW
+        return cls(
+            self.trainable, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
+        )
+
+    def _reference(self) -> torch.nn.Module | None:
+        """Full fine-tuning with KL keeps a frozen copy of the initial denoiser (LoRA disables its adapter)."""
+        if self.config.finetune.method != "full" or not self.config.grpo.kl_beta:
+            return None
+        reference = copy.deepcopy(self.adapter.unwrapped_denoiser).requires_grad_(False).eval()
+        return reference.to("cpu") if self.config.finetune.reference_on_cpu else reference
+
+    # ------------------------------------------------------------------ services for algorithms
+    def local_range(self, global_size: int) -> tuple[int, int]:
+        """This process's contiguous share [lo, hi) of a global batch."""
+        if global_size % self.world_size:
+            raise VialignInputError(
+                f"a global batch of {global_size} samples does not split evenly over {self.world_size} "
+                "processes; make prompts_per_step x group_size a multiple of the number of processes"
+            )
+        share = global_size // self.world_size
+        rank = self.accelerator.process_index
+        return rank * share, (rank + 1) * share
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate every process's ``tensor`` in process order (the global batch order)."""
+        if self.world_size == 1:
+            return tensor
+        return self.accelerator.gather(tensor.contiguous().to(self.accelerator.device)).to(tensor.device)
+
+    def reduce(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.world_size == 1:
+            return value
+        return self.accelerator.reduce(value.to(self.accelerator.device), reduction=op).to(value.device)
+
+    @contextlib.contextmanager
+    def policy(self) -> Iterator[None]:
+        """Denoiser calls inside go through the DDP wrapper (the gradient pass: gradients are averaged)."""
+        self.adapter.denoiser = self.wrapped_denoiser
+        try:
+            yield
+        finally:
+            self.adapter.denoiser = self.adapter.unwrapped_denoiser
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """The reference policy of KL terms: LoRA disabled, or the frozen copy for full fine-tuning."""
+        if self.reference_denoiser is None:
+            with self.adapter.lora_disabled():
+                yield
+            return
+        reference = self.reference_denoiser
+        offloaded = self.config.finetune.reference_on_cpu
+        if offloaded:
+            reference.to(self.adapter.device)
+        self.adapter.denoiser = reference
+        try:
+            yield
+        finally:
+            self.adapter.denoiser = self.adapter.unwrapped_denoiser
+            if offloaded:
+                reference.to("cpu")
+
+    def no_sync(self, sync: bool):
+        """Gradients are averaged over processes only on the backward pass with ``sync=True``."""
+        if sync or self.world_size == 1:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.wrapped_denoiser)
+
+    def optimizer_step(self, step: int) -> float:
+        """Clip, step, zero the gradients, update the EMA; returns the gradient norm before clipping."""
+        optim = self.config.optim
+        factor = lr_factor(step, optim.warmup_steps, self.config.train.max_steps, optim.lr_schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = optim.lr * factor
+        max_norm = optim.max_grad_norm if optim.max_grad_norm is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            decay = self.config.finetune.ema_decay
+            with torch.no_grad():
+                for average, param in zip(self.ema, self.trainable):
+                    average.mul_(decay).add_(param.detach().float(), alpha=1 - decay)
+        return float(norm)
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """The EMA weights in place of the trained ones inside the block (when EMA is on)."""
+        if self.ema is None:
+            yield
+            return
+        saved = [p.detach().clone() for p in self.trainable]
+        with torch.no_grad():
+            for param, average in zip(self.trainable, self.ema):
+                param.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in zip(self.trainable, saved):
+                    param.copy_(value)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict[str, float]:
+        config = self.config.train
+        last: dict[str, float] = {}
+        if self.start_step == 1 and config.eval_every and config.eval_at_start:
+            self.evaluate(0)
+        steps = range(self.start_step, config.max_steps + 1)
+        bar = tqdm(steps, desc="training", disable=not (self.progress and self.is_main), dynamic_ncols=True)
+        for step in bar:
+            start = time.perf_counter()
+            metrics = self.algorithm.step(step)
+            metrics["time/step_s"] = time.perf_counter() - start
+            metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+            metrics.update({f"count/{k}": v for k, v in self.counters.items()})
+            last = metrics
+            bar.set_postfix(
+                reward=f"{metrics['reward/mean']:.3f}", s_per_step=f"{metrics['time/step_s']:.1f}"
+            )
+            if self.is_main and (step % config.log_every == 0 or step == config.max_steps):
+                self.metrics.log(step, metrics)
+            if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
+                last.update(self.evaluate(step))
+            if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.max_steps):
+                self.save_checkpoint(step)
+        self.export()
+        if self.is_main:
+            self.metrics.close()
+        return last
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Sample the held-out prompts (ODE, seeds 0..S-1, EMA weights) on the main process and log
+        ``eval/<reward>`` means, ``eval/oracle_accuracy`` (with the ShapeWorld judge), ``eval/diversity``
+        and an image grid ``eval/step-<step>.png``."""
+        results: dict[str, float] = {}
+        if self.is_main and self.eval_prompts:
+            with torch.no_grad(), self.ema_weights():
+                results = self._evaluate(step)
+            self.metrics.log(step, results)
+        self.accelerator.wait_for_everyone()
+        return results
+
+    def _eval_rewards(self) -> dict[str, Any]:
+        if not hasattr(self, "_eval_reward_models"):
+            import rewards
+
+            names = self.config.eval.rewards or list(self.config.rewards)
+            models = {}
+            for name in names:
+                if name in self.reward.components:
+                    models[name] = self.reward.components[name]
+                else:
+                    models[name] = rewards.load_reward(name).to(self.adapter.device).eval()
+            self._eval_reward_models = models
+        return self._eval_reward_models
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        from vialign.media import save_grid
+        from vialign.sampling import rollout_prompts
+
+        config, adapter = self.config.eval, self.adapter
+        prompts = self.eval_prompts[: config.max_prompts]
+        per_prompt = config.samples_per_prompt
+        all_prompts = [p for p in prompts for _ in range(per_prompt)]
+        seeds = [s for _ in prompts for s in range(per_prompt)]
+        height, width = self._size()
+        schedule = adapter.schedule(config.num_steps or adapter.default_num_steps, height, width)
+        guidance = adapter.make_guidance(config.guidance_scale)
+        pixels = []
+        for start in range(0, len(all_prompts), config.batch_size):
+            end = start + config.batch_size
+            trajectory = rollout_prompts(
+                adapter,
+                all_prompts[start:end],
+                seeds[start:end],
+                schedule,
+                height=height,
+                width=width,
+                guidance=guidance,
+            )
+            pixels.append(adapter.decode(trajectory.final).float().cpu())
+        pixels = torch.cat(pixels)
+        results = {}
+        for name, reward in self._eval_rewards().items():
+            out = reward(pixels.to(adapter.device), all_prompts)
+            results[f"eval/{name}"] = float(out.score.float().mean())
+            if name == SHAPEWORLD_ORACLE:
+                results["eval/oracle_accuracy"] = results[f"eval/{name}"]
+                results.update({f"eval/oracle/{k}": float(v.float().mean()) for k, v in out.dims.items()})
+        if per_prompt > 1:
+            results["eval/diversity"] = pixel_diversity(pixels, per_prompt)
+        rows, columns = min(8, len(prompts)), min(8, per_prompt)
+        pick = [p * per_prompt + s for p in range(rows) for s in range(columns)]
+        (self.output_dir / "eval").mkdir(exist_ok=True)
+        save_grid(pixels[pick], self.output_dir / "eval" / f"step-{step:06d}.png", columns=columns)
+        return results
+
+    def _size(self) -> tuple[int, int]:
+        default_h, default_w = self.adapter.default_size
+        return self.config.sampler.height or default_h, self.config.sampler.width or default_w
+
+    # ------------------------------------------------------------------ checkpoints and export
+    def _trainable_names(self) -> list[str]:
+        ids = {id(p) for p in self.trainable}
+        return [n for n, p in self.adapter.unwrapped_denoiser.named_parameters() if id(p) in ids]
+
+    def save_checkpoint(self, step: int) -> None:
+        if self.is_main:
+            names = self._trainable_names()
+            tensors = {f"weights.{n}": p for n, p in zip(names, self.trainable)}
+            optimizer_tensors, optimizer_meta = optimizer_to_flat(self.optimizer)
+            tensors.update(optimizer_tensors)
+            if self.ema is not None:
+                tensors.update({f"ema.{n}": e for n, e in zip(names, self.ema)})
+            state = {
+                "optimizer": optimizer_meta,
+                "algorithm": self.algorithm.state_dict(),
+                "counters": self.counters,
+                "world_size": self.world_size,
+            }
+            save_checkpoint(
+                self.checkpoint_dir, step, tensors, state, keep=self.config.train.checkpoints_kept
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _resume(self) -> int:
+        path = list_checkpoints(self.checkpoint_dir)[-1]
+        tensors, state = load_checkpoint(path)
+        names = self._trainable_names()
+        missing = [n for n in names if f"weights.{n}" not in tensors]
+        if missing:
+            raise VialignInputError(
+                f"checkpoint {path} does not match this config's trainable weights (e.g. {missing[0]} is "
+                "missing): resume with the config the run started with"
+            )
+        with torch.no_grad():
+            for name, param in zip(names, self.trainable):
+                param.copy_(tensors[f"weights.{name}"])
+            if self.ema is not None:
+                for name, average in zip(names, self.ema):
+                    average.copy_(tensors[f"ema.{name}"])
+        optimizer_from_flat(self.optimizer, tensors, state["optimizer"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.counters.update(state["counters"])
+        self.start_step = state["step"] + 1
+        if self.is_main:
+            logger.info("resumed from %s (step %d)", path, state["step"])
+        return state["step"]
+
+    def export(self) -> Path:
+        """``output_dir/final``: diffusers LoRA weights (stock ``load_lora_weights`` loads them), or a full
+        diffusers pipeline folder; the EMA weights when EMA is on."""
+        final = self.output_dir / "final"
+        if self.is_main:
+            with self.ema_weights():
+                if self.config.finetune.method == "lora":
+                    self.adapter.save_lora(final)
+                else:
+                    shutil.rmtree(final, ignore_errors=True)
+                    self.adapter.save_pipeline(final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+
+def pixel_diversity(pixels: torch.Tensor, group: int) -> float:
+    """Mean pairwise RMS pixel distance between the images of one prompt (consecutive groups of
+    ``group``), averaged over prompts: 0 when every seed gives the same image."""
+    flat = pixels.flatten(1).float().view(-1, group, pixels[0].numel())
+    distances = torch.cdist(flat, flat) / math.sqrt(pixels[0].numel())
+    pairs = group * (group - 1)
+    return float(distances.sum((1, 2)).div(pairs).mean())
+
+
+def run_train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, float]:
+    return Trainer(config, resume=resume, progress=progress).train()

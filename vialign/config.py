@@ -294,6 +294,67 @@ class GRPOConfig(StrictModel):
     )
 
 
+class GradientConfig(StrictModel):
+    """Reward-gradient methods (DESIGN.md section 5): DRaFT-K / DRaFT-LV / DRaFT+, AlignProp, ReFL."""
+
+    prompts_per_step: int = Field(8, ge=1, le=4096, description="prompts (one sample each) per training step")
+    micro_batch_size: int = Field(4, ge=1, le=4096, description="samples per backward pass (memory)")
+    grad_steps: int = Field(1, ge=1, description="DRaFT-K: gradients through the last K steps")
+    alignprop_k_mean: float = Field(
+        0.0,
+        ge=0,
+        description="AlignProp: K drawn per step from a Gaussian with this mean (0: fixed grad_steps)",
+    )
+    alignprop_k_std: float = Field(0.0, ge=0, description="AlignProp: std of K")
+    lv_samples: int = Field(
+        0, ge=0, le=64, description="DRaFT-LV: re-noise the last step this many times (0: off)"
+    )
+    kl_coeff: float = Field(
+        0.0, ge=0, description="DRaFT+: coeff of |pred_theta - pred_init|^2 over the window"
+    )
+    refl_steps: tuple[int, int] = Field(
+        (0, 0),
+        description="ReFL: [T1, T2] step range; the grad step is drawn uniformly in it (0, 0: the last quarter)",
+    )
+    loss: Literal["negate", "hinge", "target"] = Field("negate", description="reward -> loss transform")
+    margin: float | None = Field(None, description="hinge: relu(margin - r)")
+    target: float | None = Field(None, description="target: |r - target|")
+    loss_scale: float = Field(1.0, gt=0, description="multiplies the reward loss (ReFL uses 1e-3)")
+    eta: float = Field(
+        0.0, ge=0, le=10, description="noise of the sampler: DDIM eta / Flow-SDE a (0: the ODE)"
+    )
+    checkpoint: bool = Field(True, description="recompute each window step's activations in backward")
+    offload: bool = Field(False, description="keep saved activations on the CPU (torch save_on_cpu)")
+    regularizer_data: str | None = Field(
+        None,
+        description="ReFL: JSONL of {file, prompt} rows (images next to it) for the denoising-loss regulariser",
+    )
+    regularizer_weight: float = Field(1.0, ge=0, description="ReFL: weight of the denoising loss")
+
+
+class AdjointConfig(StrictModel):
+    """Adjoint Matching (Domingo-Enrich et al. 2024): memoryless SDE, lean adjoint, regression loss."""
+
+    prompts_per_step: int = Field(8, ge=1, le=4096, description="samples per training step")
+    micro_batch_size: int = Field(8, ge=1, le=4096, description="samples per backward pass")
+    reward_multiplier: float = Field(
+        100.0, gt=0, description="lambda: the terminal adjoint is -lambda grad r"
+    )
+    trained_timesteps: int = Field(
+        10, ge=1, description="steps of the stratified subset the loss is computed at"
+    )
+    clip_quantile: float = Field(
+        0.9, gt=0, le=1, description="per-sample losses clipped at an EMA of this quantile"
+    )
+    clip_ema: float = Field(0.9, ge=0, lt=1, description="EMA decay of the clipping threshold (0: off)")
+    cfg_in_loss: bool = Field(
+        False, description="use CFG in the adjoint and the loss too (default: rollout only)"
+    )
+    buffer_passes: int = Field(
+        1, ge=1, le=100, description="optimizer passes over each batch of trajectories"
+    )
+
+
 class TrainLoopConfig(StrictModel):
     max_steps: int = Field(100, ge=1, description="training steps (one rollout batch + update each)")
     checkpoint_every: int = Field(50, ge=0, description="save a resumable checkpoint every N steps (0: off)")
@@ -322,7 +383,9 @@ class TrainEvalConfig(StrictModel):
 class TrainConfig(StrictModel):
     """``vialign train``: align a generator with rewards (GRPO)."""
 
-    algorithm: Literal["grpo"] = Field("grpo", description="the training algorithm")
+    algorithm: Literal["grpo", "draft", "alignprop", "refl", "adjoint_matching"] = Field(
+        "grpo", description="grpo (RL), draft / alignprop / refl (reward gradients), adjoint_matching"
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     output_dir: str = Field("runs/train", description="metrics, TensorBoard logs, checkpoints, final weights")
     overwrite: bool = Field(False, description="start over in an output_dir that holds an earlier run")
@@ -335,6 +398,8 @@ class TrainConfig(StrictModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     sampler: TrainSamplerConfig = Field(default_factory=TrainSamplerConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    gradient: GradientConfig = Field(default_factory=GradientConfig)
+    adjoint: AdjointConfig = Field(default_factory=AdjointConfig)
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
     eval: TrainEvalConfig = Field(default_factory=TrainEvalConfig)
 
@@ -342,6 +407,19 @@ class TrainConfig(StrictModel):
     def _needs_rewards(self) -> TrainConfig:
         if not self.rewards:
             raise ValueError("rewards: at least one training reward is needed, e.g. rewards: {pickscore: {}}")
+        steps = self.sampler.num_steps
+        if self.algorithm in ("draft", "alignprop") and steps is not None:
+            k = self.gradient.grad_steps if self.algorithm == "draft" else self.gradient.alignprop_k_mean
+            if k > steps:
+                raise ValueError(
+                    f"gradient.grad_steps / alignprop_k_mean = {k} exceeds sampler.num_steps = {steps}"
+                )
+        if self.algorithm == "refl":
+            low, high = self.gradient.refl_steps
+            if low > high or (steps is not None and high >= steps):
+                raise ValueError(
+                    f"gradient.refl_steps = {[low, high]} must satisfy 0 <= T1 <= T2 < sampler.num_steps ({steps})"
+                )
         return self
 
 

@@ -232,6 +232,11 @@ class Trainer:
             {name: spec.weight for name, spec in specs.items()},
             {name: spec.options for name, spec in specs.items()},
         )
+        if self.config.algorithm != "grpo":
+            from rewards.losses import require_differentiable
+
+            for component in reward.components.values():
+                require_differentiable(component, f"algorithm={self.config.algorithm}")
         judges = [name for name, r in reward.components.items() if r.info.judge]
         if judges:
             logger.warning(
@@ -258,7 +263,13 @@ class Trainer:
 
     def _reference(self) -> torch.nn.Module | None:
         """Full fine-tuning with KL keeps a frozen copy of the initial denoiser (LoRA disables its adapter)."""
-        if self.config.finetune.method != "full" or not self.config.grpo.kl_beta:
+        config = self.config
+        needs_reference = (
+            (config.algorithm == "grpo" and config.grpo.kl_beta > 0)
+            or (config.algorithm in ("draft", "alignprop", "refl") and config.gradient.kl_coeff > 0)
+            or config.algorithm == "adjoint_matching"
+        )
+        if config.finetune.method != "full" or not needs_reference:
             return None
         reference = copy.deepcopy(self.adapter.unwrapped_denoiser).requires_grad_(False).eval()
         return reference.to("cpu") if self.config.finetune.reference_on_cpu else reference
@@ -319,6 +330,16 @@ class Trainer:
         if sync or self.world_size == 1:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self.wrapped_denoiser)
+
+    def average_gradients(self) -> None:
+        """Average the trainable weights' gradients over processes (for algorithms that call the unwrapped
+        denoiser several times per backward pass, which DDP's hooks do not allow)."""
+        if self.world_size == 1:
+            return
+        for param in self.trainable:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            param.grad.copy_(self.reduce(param.grad, "mean"))
 
     def optimizer_step(self, step: int) -> float:
         """Clip, step, zero the gradients, update the EMA; returns the gradient norm before clipping."""

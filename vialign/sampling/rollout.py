@@ -16,6 +16,7 @@ Choose ``m`` = the training micro-batch size; smaller micro-batches waste the pa
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -166,6 +167,7 @@ def rollout(
     grad_steps: int = 0,
     checkpoint: bool = True,
     model_batch_size: int | None = None,
+    offload: bool = False,
     progress: bool = False,
 ) -> Trajectory:
     """Sample a batch from ``latents`` (x_0) along ``schedule`` and record the trajectory.
@@ -180,6 +182,7 @@ def rollout(
         checkpoint: recompute each gradient step's activations in the backward pass instead of storing
             them (memory ~ one step instead of ``grad_steps`` steps; gradients are identical).
         model_batch_size: fixed denoiser batch for bitwise batch-invariant log-probs (module docstring).
+        offload: keep the tensors the backward pass needs in CPU memory (``torch.autograd.graph.save_on_cpu``).
         progress: show a progress bar over steps.
     """
     batch, num_steps = latents.shape[0], schedule.num_steps
@@ -218,7 +221,8 @@ def rollout(
             return out.x_next, log_prob
 
         if k >= num_steps - grad_steps:
-            with torch.enable_grad():
+            saved = torch.autograd.graph.save_on_cpu() if offload else contextlib.nullcontext()
+            with torch.enable_grad(), saved:
                 if checkpoint:
                     x, log_prob = torch.utils.checkpoint.checkpoint(step, x, noise, use_reentrant=False)
                 else:

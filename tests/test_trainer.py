@@ -436,3 +436,25 @@ def test_presets_validate_with_published_settings(name, model, group, sde, beta)
     known = {info.name for info in rewards.list_rewards()}
     assert set(config.rewards) <= known and set(config.eval.rewards) <= known
     assert config.grpo.clip_range == 1e-4
+
+
+def test_prompt_sources(tmp_path):
+    from rewards import shapeworld as sw
+    from vialign.data import load_prompts, prompts_for_step, split_prompts
+
+    assert load_prompts("shapeworld:all") == [scene.prompt for scene in sw.all_scenes()]
+    assert set(load_prompts("shapeworld:held_out")).isdisjoint(load_prompts("shapeworld:train"))
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"caption": "a cat"}\n\n{"caption": "a dog"}\n')
+    assert load_prompts(str(jsonl), "caption") == ["a cat", "a dog"]
+    with pytest.raises(VialignInputError, match="no string 'prompt' field"):
+        load_prompts(str(jsonl))
+    with pytest.raises(VialignInputError, match="unknown built-in prompt set"):
+        load_prompts("shapeworld:nope")
+    train, held = split_prompts([f"p{i}" for i in range(10)], 0.3, seed=0)
+    assert len(held) == 3 and not set(train) & set(held) and len(train) == 7
+    # every prompt once per pass, whatever the step size; the same (seed, step) gives the same prompts
+    prompts = [f"p{i}" for i in range(6)]
+    first_pass = prompts_for_step(prompts, 1, 4, seed=1) + prompts_for_step(prompts, 2, 4, seed=1)[:2]
+    assert sorted(first_pass) == sorted(prompts)
+    assert prompts_for_step(prompts, 2, 4, seed=1) == prompts_for_step(prompts, 2, 4, seed=1)

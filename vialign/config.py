@@ -187,7 +187,8 @@ class DataConfig(StrictModel):
     train: str = Field(
         "shapeworld:train",
         description="text file (one prompt per line), JSONL with a prompt column, hf:NAME[:SPLIT] "
-        "(a Hugging Face dataset) or a saved dataset folder; built-ins shapeworld:train, shapeworld:held_out",
+        "(a Hugging Face dataset) or a saved dataset folder; built-ins shapeworld:train, shapeworld:held_out, "
+        "shapeworld:all",
     )
     eval: str | None = Field(
         "shapeworld:held_out", description="held-out prompts in the same forms; null: split off eval_fraction"

@@ -42,7 +42,11 @@ def load_prompts(spec: str, column: str = "prompt") -> list[str]:
     if spec.startswith("shapeworld:"):
         from rewards import shapeworld as sw
 
-        named = {"shapeworld:train": sw.train_prompts, "shapeworld:held_out": sw.held_out_prompts}
+        named = {
+            "shapeworld:train": sw.train_prompts,
+            "shapeworld:held_out": sw.held_out_prompts,
+            "shapeworld:all": lambda: [scene.prompt for scene in sw.all_scenes()],
+        }
         if spec not in named:
             raise VialignInputError(f"unknown built-in prompt set {spec!r}; choose {', '.join(named)}")
         prompts = named[spec]()

@@ -14,7 +14,7 @@ import rewards
 from vialign.algorithms.adjoint_matching import lean_adjoint, memoryless_sampler, step_mean, stratified_steps
 from vialign.algorithms.reward_gradient import sample_k
 from vialign.config import TrainConfig, load_config
-from vialign.errors import ConfigError
+from vialign.errors import ConfigError, VialignInputError
 from vialign.sampling import rollout_prompts
 from vialign.trainer import Trainer
 
@@ -171,3 +171,35 @@ def test_gradient_presets(name, algorithm, model):
     assert (config.algorithm, config.model.path) == (algorithm, model)
     differentiable = {info.name for info in rewards.list_rewards() if info.differentiable}
     assert set(config.rewards) <= differentiable
+
+
+def test_refl_regularizer_is_the_denoising_loss_on_captioned_images(tmp_path, quiet_libraries):
+    """The regulariser reads {file, prompt} rows, encodes the images, and its loss is the model's own
+    denoising error: the pretrained testbed model denoises real renders far better than a zero
+    prediction would (a wrong target convention, e.g. x0 - noise, would be ~5x worse than zero)."""
+    from PIL import Image
+
+    from rewards import shapeworld as sw
+
+    scenes = sw.all_scenes()[:16]
+    rows = []
+    for i, scene in enumerate(scenes):
+        Image.fromarray((sw.render(scene, seed=i) * 255).round().astype("uint8")).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"file": f"{i}.png", "prompt": scene.prompt}))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    config = _config(
+        tmp_path,
+        "refl",
+        f"gradient.regularizer_data={tmp_path / 'pairs.jsonl'}",
+        "gradient.micro_batch_size=16",
+    )
+    algorithm = Trainer(config, progress=False).algorithm
+    latents, prompts = algorithm.regularizer
+    assert latents.shape[0] == 16 and prompts == [s.prompt for s in scenes]
+    with torch.no_grad():
+        losses = torch.stack([algorithm.regularizer_loss(step, 16) for step in range(1, 9)])
+    # target = noise - x0 (flow): E|target|^2 per dim = 1 + E x0^2; a useful denoiser is well below it
+    zero_prediction = 1 + latents.square().mean()
+    assert losses.mean() < 0.5 * zero_prediction, (losses, zero_prediction)
+    with pytest.raises(VialignInputError, match="regularizer_data"):
+        Trainer(_config(tmp_path / "missing", "refl", "gradient.regularizer_data=nope.jsonl"), progress=False)

@@ -13,14 +13,32 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vialign.errors import ConfigError
 
 Schema = TypeVar("Schema", bound=BaseModel)
+
+
+def _check_window(value: tuple[int, int] | None) -> tuple[int, int] | None:
+    if value is not None and not 0 <= value[0] < value[1]:
+        raise ValueError(f"must be [start, stop) with 0 <= start < stop, got {list(value)}")
+    return value
+
+
+# [start, stop) of the stochastic steps of a sampler
+SDEWindow = Annotated[tuple[int, int] | None, AfterValidator(_check_window)]
 
 
 class StrictModel(BaseModel):
@@ -74,9 +92,7 @@ class SamplerConfig(StrictModel):
     noise_level: float | None = Field(
         None, ge=0, le=10, description="eta (ddim, dance-sde) or a (flow-sde, cps); default per SDE"
     )
-    sde_window: tuple[int, int] | None = Field(
-        None, description="[start, stop) of the stochastic steps; default all"
-    )
+    sde_window: SDEWindow = Field(None, description="[start, stop) of the stochastic steps; default all")
     num_steps: int | None = Field(
         None, ge=1, le=1000, description="denoising steps; default the model's (20)"
     )
@@ -99,13 +115,6 @@ class SamplerConfig(StrictModel):
                 "(--sampler sde) or drop them"
             )
         return self
-
-    @field_validator("sde_window")
-    @classmethod
-    def _window(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
-        if value is not None and not 0 <= value[0] < value[1]:
-            raise ValueError(f"must be [start, stop) with 0 <= start < stop, got {list(value)}")
-        return value
 
 
 class SampleConfig(StrictModel):
@@ -242,7 +251,7 @@ class TrainSamplerConfig(StrictModel):
         None, description="ddim (UNet), flow-sde, dance-sde or cps (flow); default ddim / flow-sde"
     )
     noise_level: float | None = Field(None, ge=0, le=10, description="eta or a of the SDE; default per SDE")
-    sde_window: tuple[int, int] | None = Field(
+    sde_window: SDEWindow = Field(
         None, description="[start, stop): only these steps are stochastic and trained; default all"
     )
     window_shift_every: int = Field(
@@ -257,13 +266,6 @@ class TrainSamplerConfig(StrictModel):
     )
     height: int | None = Field(None, ge=8, le=8192, description="image height; default the model's")
     width: int | None = Field(None, ge=8, le=8192, description="image width; default the model's")
-
-    @field_validator("sde_window")
-    @classmethod
-    def _window(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
-        if value is not None and not 0 <= value[0] < value[1]:
-            raise ValueError(f"must be [start, stop) with 0 <= start < stop, got {list(value)}")
-        return value
 
 
 class GRPOConfig(StrictModel):

@@ -64,16 +64,21 @@ def load_prompts(spec: str, column: str = "prompt") -> list[str]:
         datasets = _require_datasets(spec)
         prompts = _from_dataset(datasets.load_from_disk(spec), column, spec)
     else:
-        prompts = _read_prompt_file(Path(spec), column)
+        path = Path(spec)
+        if not path.is_file():
+            raise VialignInputError(
+                f"prompt file not found: {path} (expected a .txt or .jsonl file, or hf:NAME)"
+            )
+        prompts = read_prompt_file(path, column)
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
         raise VialignInputError(f"{spec} holds no prompts")
     return prompts
 
 
-def _read_prompt_file(path: Path, column: str) -> list[str]:
-    if not path.is_file():
-        raise VialignInputError(f"prompt file not found: {path} (expected a .txt or .jsonl file, or hf:NAME)")
+def read_prompt_file(path: Path, column: str = "prompt") -> list[str]:
+    """The lines of a text file, or the ``column`` strings of a JSONL file's rows (malformed rows are
+    errors naming the line). The file must exist."""
     lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix != ".jsonl":
         return lines
@@ -86,7 +91,7 @@ def _read_prompt_file(path: Path, column: str) -> list[str]:
         except json.JSONDecodeError as error:
             raise VialignInputError(f"{path}:{number} is not valid JSON: {error.msg}") from None
         if not isinstance(row, dict) or not isinstance(row.get(column), str):
-            raise VialignInputError(f"{path}:{number} has no string {column!r} field (data.prompt_column)")
+            raise VialignInputError(f"{path}:{number} has no string {column!r} field")
         prompts.append(row[column])
     return prompts
 

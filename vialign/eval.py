@@ -19,7 +19,7 @@ import torch
 from rewards import shapeworld as sw
 from vialign.config import EvalConfig
 from vialign.errors import VialignInputError
-from vialign.sample import read_prompts
+from vialign.sample import load_model, read_prompts
 from vialign.sampling import Sampler
 
 GRID_ROWS, GRID_COLUMNS = 12, 8
@@ -39,7 +39,6 @@ def eval_prompts(spec: str) -> list[str]:
 
 def run_eval(config: EvalConfig) -> dict:
     import rewards
-    from pipelines import load_pipeline
     from vialign.testbed import evaluate
     from vialign.testbed.build import save_grid
 
@@ -51,16 +50,7 @@ def run_eval(config: EvalConfig) -> dict:
     prompts = eval_prompts(config.prompts)
     extra = {name: rewards.load_reward(name) for name in config.rewards}
     model = config.model
-    adapter = load_pipeline(
-        model.path,
-        device=model.device,
-        dtype=model.dtype,
-        attention=model.attention,
-        lora=model.lora,
-        use_t5=model.use_t5,
-        max_sequence_length=model.max_sequence_length,
-        clip_skip=model.clip_skip,
-    )
+    adapter = load_model(model)
     settings = config.sampler
     sampler = Sampler()
     if settings.kind == "sde":

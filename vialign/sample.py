@@ -20,7 +20,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines.adapter import GeneratorAdapter, Guidance
-from vialign.config import SampleConfig
+from vialign.config import ModelConfig, SampleConfig
+from vialign.data import read_prompt_file
 from vialign.errors import VialignInputError
 from vialign.sampling import Sampler, rollout_prompts
 
@@ -33,24 +34,27 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise VialignInputError(f"prompts file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        prompts = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise VialignInputError(f"{path}:{number} is not valid JSON: {error.msg}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise VialignInputError(f"{path}:{number} has no string 'prompt' field")
-            prompts.append(row["prompt"])
-    else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_prompt_file(path) if line.strip()]
     if not prompts:
         raise VialignInputError(f"prompts file {path} holds no prompts")
     return prompts
+
+
+def load_model(model: ModelConfig, *, device: str | None = None, with_lora: bool = True) -> GeneratorAdapter:
+    """The adapter a ``model:`` config section names (``device`` overrides ``model.device``; the trainer
+    loads ``model.lora`` itself, as trainable weights, with ``with_lora=False``)."""
+    from pipelines import load_pipeline
+
+    return load_pipeline(
+        model.path,
+        device=device or model.device,
+        dtype=model.dtype,
+        attention=model.attention,
+        lora=model.lora if with_lora else None,
+        use_t5=model.use_t5,
+        max_sequence_length=model.max_sequence_length,
+        clip_skip=model.clip_skip,
+    )
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -110,8 +114,6 @@ class SampleReport:
 
 def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
     """The ``vialign sample`` job: validate everything, load the model, sample, write files."""
-    from pipelines import load_pipeline
-
     prompts = list(config.prompts) + (read_prompts(config.prompts_file) if config.prompts_file else [])
     if not prompts:
         raise VialignInputError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
@@ -125,16 +127,7 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
         )
     sampler_config = config.sampler
     model = config.model
-    adapter = load_pipeline(
-        model.path,
-        device=model.device,
-        dtype=model.dtype,
-        attention=model.attention,
-        lora=model.lora,
-        use_t5=model.use_t5,
-        max_sequence_length=model.max_sequence_length,
-        clip_skip=model.clip_skip,
-    )
+    adapter = load_model(model)
     default_height, default_width = adapter.default_size
     height, width = config.height or default_height, config.width or default_width
     adapter.check_size(height, width)

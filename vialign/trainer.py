@@ -180,19 +180,11 @@ class Trainer:
         return train, []
 
     def _load_model(self):
-        from pipelines import load_pipeline
+        from vialign.sample import load_model
 
         model = self.config.model
         device = self.accelerator.device if model.device == "auto" else model.device
-        return load_pipeline(
-            model.path,
-            device=device,
-            dtype=model.dtype,
-            attention=model.attention,
-            use_t5=model.use_t5,
-            max_sequence_length=model.max_sequence_length,
-            clip_skip=model.clip_skip,
-        )
+        return load_model(model, device=str(device), with_lora=False)
 
     def _setup_finetuning(self) -> list[torch.nn.Parameter]:
         finetune, adapter = self.config.finetune, self.adapter
@@ -433,30 +425,26 @@ class Trainer:
 
     def _evaluate(self, step: int) -> dict[str, float]:
         from vialign.media import save_grid
-        from vialign.sampling import rollout_prompts
+        from vialign.sample import generate_images
 
         config, adapter = self.config.eval, self.adapter
         prompts = self.eval_prompts[: config.max_prompts]
         per_prompt = config.samples_per_prompt
         all_prompts = [p for p in prompts for _ in range(per_prompt)]
         seeds = [s for _ in prompts for s in range(per_prompt)]
-        height, width = self._size()
-        schedule = adapter.schedule(config.num_steps or adapter.default_num_steps, height, width)
+        height, width = self.image_size()
         guidance = adapter.make_guidance(config.guidance_scale)
-        pixels = []
-        for start in range(0, len(all_prompts), config.batch_size):
-            end = start + config.batch_size
-            trajectory = rollout_prompts(
-                adapter,
-                all_prompts[start:end],
-                seeds[start:end],
-                schedule,
-                height=height,
-                width=width,
-                guidance=guidance,
-            )
-            pixels.append(adapter.decode(trajectory.final).float().cpu())
-        pixels = torch.cat(pixels)
+        batches = generate_images(
+            adapter,
+            all_prompts,
+            seeds,
+            num_steps=config.num_steps or adapter.default_num_steps,
+            height=height,
+            width=width,
+            guidance=guidance,
+            batch_size=config.batch_size,
+        )
+        pixels = torch.cat([batch.float().cpu() for _, batch in batches])
         results = {}
         for name, reward in self._eval_rewards().items():
             out = reward(pixels.to(adapter.device), all_prompts)
@@ -472,7 +460,8 @@ class Trainer:
         save_grid(pixels[pick], self.output_dir / "eval" / f"step-{step:06d}.png", columns=columns)
         return results
 
-    def _size(self) -> tuple[int, int]:
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of training and evaluation samples: the config's, else the model's default."""
         default_h, default_w = self.adapter.default_size
         return self.config.sampler.height or default_h, self.config.sampler.width or default_w
 

@@ -120,7 +120,7 @@ class AdjointMatching:
         self.config, self.trainer, self.settings = config, trainer, config.adjoint
         adapter = trainer.adapter
         self.num_steps = config.sampler.num_steps or adapter.default_num_steps
-        self.height, self.width = trainer._size()
+        self.height, self.width = trainer.image_size()
         self.schedule = adapter.schedule(self.num_steps, self.height, self.width)
         self.sampler = memoryless_sampler(adapter.kind)
         self.guidance = adapter.make_guidance(config.sampler.guidance_scale)

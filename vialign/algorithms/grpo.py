@@ -237,7 +237,7 @@ class GRPO:
         adapter = trainer.adapter
         sampler_config = config.sampler
         self.num_steps = sampler_config.num_steps or adapter.default_num_steps
-        self.height, self.width = trainer._size()
+        self.height, self.width = trainer.image_size()
         self.schedule = adapter.schedule(self.num_steps, self.height, self.width)
         self.guidance = adapter.make_guidance(sampler_config.guidance_scale)
         from vialign.sampling import Sampler

@@ -68,7 +68,7 @@ class RewardGradient:
             raise VialignInputError(
                 f"gradient.grad_steps = {settings.grad_steps} exceeds the {self.num_steps} sampling steps"
             )
-        self.height, self.width = trainer._size()
+        self.height, self.width = trainer.image_size()
         self.schedule = adapter.schedule(self.num_steps, self.height, self.width)
         self.guidance = adapter.make_guidance(config.sampler.guidance_scale)
         sde = "ddim" if adapter.kind == "diffusion" else "flow-sde"

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from rewards import shapeworld as sw
+from vialign import media
 from vialign.testbed import components, evaluate, train
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "assets" / "shapeworld"
@@ -102,16 +103,7 @@ def train_generator(kind: str, vae_model, clip_model, tok, stats, steps: Steps, 
 
 
 def save_grid(samples: evaluate.Samples, path: Path, columns: int) -> None:
-    images = (samples.pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    rows = len(images) // columns
-    height, width = images.shape[1:3]
-    grid = np.zeros((rows * (height + 2), columns * (width + 2), 3), np.uint8) + 255
-    for i in range(rows * columns):
-        r, c = divmod(i, columns)
-        grid[r * (height + 2) : r * (height + 2) + height, c * (width + 2) : c * (width + 2) + width] = (
-            images[i]
-        )
-    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+    media.save_grid(samples.pixels, path, columns)
 
 
 def export_preferences(samples: evaluate.Samples, folder: Path, per_prompt: int = 2) -> int:

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from rewards import shapeworld as sw
-from vialign.sampling import Sampler, rollout_prompts
+from vialign.sample import generate_images
+from vialign.sampling import Sampler
 
 
 @dataclass
@@ -33,23 +34,18 @@ def generate(
     """Every prompt at every seed (prompt-major order), ODE by default."""
     all_prompts = [p for p in prompts for _ in seeds_per_prompt]
     all_seeds = [int(s) for _ in prompts for s in seeds_per_prompt]
-    schedule = adapter.schedule(num_steps, size, size)
-    guidance = adapter.make_guidance(guidance_scale)
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(all_prompts), batch_size):
-            end = start + batch_size
-            trajectory = rollout_prompts(
-                adapter,
-                all_prompts[start:end],
-                all_seeds[start:end],
-                schedule,
-                height=size,
-                width=size,
-                guidance=guidance,
-                sampler=sampler,
-            )
-            parts.append(adapter.decode(trajectory.final).cpu())
+    batches = generate_images(
+        adapter,
+        all_prompts,
+        all_seeds,
+        num_steps=num_steps,
+        height=size,
+        width=size,
+        guidance=adapter.make_guidance(guidance_scale),
+        sampler=sampler,
+        batch_size=batch_size,
+    )
+    parts = [pixels.cpu() for _, pixels in batches]
     return Samples(torch.cat(parts), all_prompts, all_seeds)
 
 

@@ -52,6 +52,17 @@ def cosine_lr(step: int, total: int, warmup: int = 100) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, clip: Any = None) -> None:
+    """Set the learning rate, backpropagate ``loss`` (clipping the gradient norm of ``clip`` at 1), step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    optimizer.step()
+
+
 def train_vae(
     steps: int, *, batch: int = 64, lr: float = 1e-3, kl_weight: float = 1e-5, seed: int = 0, log: Log = print
 ) -> Any:
@@ -68,11 +79,7 @@ def train_vae(
         posterior = model.encode(x).latent_dist
         reconstruction = model.decode(posterior.sample()).sample
         loss = F.mse_loss(reconstruction, x) + kl_weight * posterior.kl().mean()
-        for group in optimizer.param_groups:
-            group["lr"] = lr * cosine_lr(step, steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimizer_step(optimizer, loss, lr * cosine_lr(step, steps))
         if step % 200 == 0 or step == steps - 1:
             log(f"vae step {step:5d}  loss {loss.item():.5f}  {time.time() - start:6.0f} s")
     return model.eval().requires_grad_(False)
@@ -134,11 +141,7 @@ def train_clip(
     for step in range(steps):
         pixels, prompts = sample_batch(rng, scenes, batch)
         loss = contrastive_loss(model, tokenizer, pixels, prompts)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * cosine_lr(step, steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimizer_step(optimizer, loss, lr * cosine_lr(step, steps))
         if step % 200 == 0 or step == steps - 1:
             log(f"clip step {step:5d}  loss {loss.item():.4f}  {time.time() - start:6.0f} s")
     return model.eval().requires_grad_(False)
@@ -223,12 +226,7 @@ def train_denoiser(
             noisy, target = alpha.view(-1, 1, 1, 1) * x0 + sigma.view(-1, 1, 1, 1) * noise, noise
             timesteps = timesteps.float()
         loss = F.mse_loss(adapter.predict(noisy, timesteps, cond), target)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * cosine_lr(step, steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, loss, lr * cosine_lr(step, steps), clip=denoiser.parameters())
         ema.update(denoiser)
         if step % 200 == 0:
             log(f"{adapter.family} step {step:5d}  loss {loss.item():.4f}  {time.time() - start:6.0f} s")
@@ -269,11 +267,7 @@ def finetune_reward(
         loss = F.binary_cross_entropy_with_logits(logits, labels[index].float(), weight=weights)
         renders, render_prompts = sample_batch(rng, scenes, batch)
         loss = loss + render_weight * contrastive_loss(model, tokenizer, renders, render_prompts)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * cosine_lr(step, steps, warmup=50)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimizer_step(optimizer, loss, lr * cosine_lr(step, steps, warmup=50))
         if step % 100 == 0 or step == steps - 1:
             log(
                 f"reward step {step:5d}  loss {loss.item():.4f}  a {a.item():.2f} b {b.item():.2f}  "

@@ -76,11 +76,12 @@ def main() -> None:
             return time.perf_counter() - start
 
         # the same denoiser calls, bare: inputs of the right shapes, no sampler, no reward, no bookkeeping
-        height, width = algorithm.height, algorithm.width
+        context = algorithm.context
+        height, width = context.height, context.width
         x = torch.randn(args.micro_batch, *adapter.latent_shape(height, width))
         cond = adapter.encode_prompt(["a red circle"] * args.micro_batch)
         uncond = adapter.uncond_embeds(args.micro_batch)
-        guidance, t = algorithm.guidance, algorithm.schedule.timesteps[0]
+        guidance, t = context.guidance, algorithm.schedule.timesteps[0]
         chunks = -(-batch // args.micro_batch)
 
         def bare_calls() -> float:

@@ -1,4 +1,4 @@
-"""GRPO's pieces against hand-computed values and torch.distributions (DESIGN.md section 5)."""
+"""GRPO's pieces against hand-computed values and torch.distributions (docs/algorithms.md, "GRPO")."""
 
 from __future__ import annotations
 
@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from vialign.algorithms.grpo import (
-    STD_EPS,
-    PerPromptStatTracker,
-    clipped_surrogate,
-    gaussian_kl,
-    group_advantages,
-    per_reward_advantages,
-    trained_steps,
-)
+from vialign.advantages import STD_EPS, PerPromptStatTracker, group_advantages, per_reward_advantages
+from vialign.algorithms.grpo import trained_steps
+from vialign.losses import clipped_surrogate, gaussian_kl
 
 
 def test_group_advantages_match_numpy():

@@ -12,7 +12,7 @@ import torch
 import pipelines
 import rewards
 from vialign.algorithms.adjoint_matching import lean_adjoint, memoryless_sampler, step_mean, stratified_steps
-from vialign.algorithms.reward_gradient import sample_k
+from vialign.algorithms.draft import sample_k
 from vialign.config import TrainConfig, load_config
 from vialign.errors import ConfigError, VialignInputError
 from vialign.sampling import rollout_prompts
@@ -85,6 +85,9 @@ def test_stratified_steps_and_alignprop_k():
 
 
 def _config(tmp_path, algorithm, *extra):
+    batch = {"adjoint_matching": [f"{algorithm}.prompts_per_step=8"]}.get(
+        algorithm, [f"{algorithm}.prompts_per_step=8", f"{algorithm}.micro_batch_size=8"]
+    )
     return load_config(
         TrainConfig,
         None,
@@ -96,9 +99,7 @@ def _config(tmp_path, algorithm, *extra):
             "finetune.lora_rank=4",
             "optim.lr=1e-3",
             "sampler.num_steps=6",
-            "gradient.prompts_per_step=8",
-            "gradient.micro_batch_size=8",
-            "adjoint.prompts_per_step=8",
+            *batch,
             "train.max_steps=4",
             "train.eval_every=4",
             "train.checkpoint_every=0",
@@ -115,17 +116,21 @@ def _config(tmp_path, algorithm, *extra):
 @pytest.mark.parametrize(
     "algorithm, extra",
     [
-        ("draft", ["gradient.grad_steps=2"]),
-        ("alignprop", ["gradient.alignprop_k_mean=3", "gradient.alignprop_k_std=1"]),
+        ("draft", ["draft.grad_steps=2"]),
+        ("alignprop", ["alignprop.k_mean=3", "alignprop.k_std=1"]),
         ("refl", []),
-        ("draft", ["gradient.lv_samples=2"]),
+        ("draft", ["draft.lv_samples=2"]),
         (
             "draft",
-            ["gradient.kl_coeff=0.01", "gradient.offload=true", "gradient.eta=0.5", "gradient.grad_steps=2"],
+            ["draft.kl_coeff=0.01", "draft.offload=true", "draft.eta=0.5", "draft.grad_steps=2"],
         ),
         (
             "adjoint_matching",
-            ["adjoint.reward_multiplier=1000", "adjoint.trained_timesteps=6", "optim.lr=1e-2"],
+            [
+                "adjoint_matching.reward_multiplier=1000",
+                "adjoint_matching.trained_timesteps=6",
+                "optim.lr=1e-2",
+            ],
         ),
     ],
     ids=["draft-k", "alignprop", "refl", "draft-lv", "draft-plus", "adjoint-matching"],
@@ -142,10 +147,20 @@ def test_each_method_makes_the_testbed_brighter(tmp_path, algorithm, extra, quie
 
 
 def test_gradient_methods_reject_bad_input(tmp_path, quiet_libraries):
-    with pytest.raises(ConfigError, match="grad_steps.*exceeds sampler.num_steps"):
-        _config(tmp_path, "draft", "gradient.grad_steps=7")
-    with pytest.raises(ConfigError, match="refl_steps"):
-        _config(tmp_path, "refl", "gradient.refl_steps=[3, 6]")
+    with pytest.raises(ConfigError, match=r"draft.grad_steps = 7 exceeds the 6 sampling steps \(sampler.num_steps\)"):
+        _config(tmp_path, "draft", "draft.grad_steps=7")
+    with pytest.raises(ConfigError, match=r"alignprop.k_mean = 7.0 exceeds the 6 sampling steps"):
+        _config(tmp_path, "alignprop", "alignprop.k_mean=7")
+    with pytest.raises(ConfigError, match=r"refl.steps = \[3, 6\] must satisfy"):
+        _config(tmp_path, "refl", "refl.steps=[3, 6]")
+    # AlignProp draws K itself: DRaFT-LV's re-noised last step is DRaFT's (K = 1), not AlignProp's
+    with pytest.raises(ConfigError, match="alignprop.lv_samples: unknown key"):
+        _config(tmp_path, "alignprop", "alignprop.lv_samples=2")
+    # a setting of another algorithm is an error, not silently ignored
+    with pytest.raises(ConfigError, match="grpo: settings of the grpo algorithm, but algorithm is 'refl'"):
+        _config(tmp_path, "refl", "grpo.kl_beta=0.1")
+    with pytest.raises(ConfigError, match="refl.kl_coeff: unknown key"):
+        _config(tmp_path, "refl", "refl.kl_coeff=0.1")
     with pytest.raises(ConfigError, match="sde_window"):
         _config(tmp_path, "grpo", "sampler.sde_window=[3, 3]")
     config = _config(tmp_path, "draft", "rewards={shapeworld-oracle: {}}")
@@ -190,8 +205,8 @@ def test_refl_regularizer_is_the_denoising_loss_on_captioned_images(tmp_path, qu
     config = _config(
         tmp_path,
         "refl",
-        f"gradient.regularizer_data={tmp_path / 'pairs.jsonl'}",
-        "gradient.micro_batch_size=16",
+        f"refl.regularizer_data={tmp_path / 'pairs.jsonl'}",
+        "refl.micro_batch_size=16",
     )
     algorithm = Trainer(config, progress=False).algorithm
     latents, prompts = algorithm.regularizer
@@ -201,5 +216,5 @@ def test_refl_regularizer_is_the_denoising_loss_on_captioned_images(tmp_path, qu
     # target = noise - x0 (flow): E|target|^2 per dim = 1 + E x0^2; a useful denoiser is well below it
     zero_prediction = 1 + latents.square().mean()
     assert losses.mean() < 0.5 * zero_prediction, (losses, zero_prediction)
-    with pytest.raises(VialignInputError, match="regularizer_data"):
-        Trainer(_config(tmp_path / "missing", "refl", "gradient.regularizer_data=nope.jsonl"), progress=False)
+    with pytest.raises(VialignInputError, match="refl.regularizer_data: nope.jsonl not found"):
+        Trainer(_config(tmp_path / "missing", "refl", "refl.regularizer_data=nope.jsonl"), progress=False)

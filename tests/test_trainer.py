@@ -86,7 +86,7 @@ def test_first_update_is_on_policy_and_kl_is_zero(tmp_path, tiny_dir, prompt_fil
 def test_kl_is_zero_for_the_reference_policy_and_matches_the_gaussian_kl(
     tmp_path, tiny_dir, prompt_file, quiet_libraries
 ):
-    from vialign.algorithms.grpo import gaussian_kl
+    from vialign.losses import gaussian_kl
     from vialign.sampling import evaluate_step, rollout_prompts
 
     config = make_config(tmp_path, tiny_dir("sd"), prompt_file, grpo__kl_beta=1.0, train__max_steps=1)
@@ -103,7 +103,7 @@ def test_kl_is_zero_for_the_reference_policy_and_matches_the_gaussian_kl(
             algorithm.schedule,
             height=32,
             width=32,
-            guidance=algorithm.guidance,
+            guidance=algorithm.context.guidance,
             sampler=algorithm.sampler,
         )
         common = dict(
@@ -399,7 +399,7 @@ def test_two_processes_equal_one(tmp_path, tiny_dir, prompt_file):
     one, two = load_file(out_one / "result.safetensors"), load_file(out_two / "result.safetensors")
     assert json.loads((out_two / "world.json").read_text()) == {"world_size": 2}
     assert one.keys() == two.keys() and any(k.startswith("weights.") for k in one)
-    from vialign.algorithms.grpo import group_advantages
+    from vialign.advantages import group_advantages
 
     groups = torch.arange(8) // 4
     for step in (1, 2):
@@ -427,7 +427,7 @@ def test_two_processes_equal_one(tmp_path, tiny_dir, prompt_file):
 )
 def test_presets_validate_with_published_settings(name, model, group, sde, beta):
     config = load_config(TrainConfig, Path(__file__).parents[1] / "configs" / f"{name}.yaml")
-    assert (config.model.path, config.grpo.group_size, config.sampler.sde_kind, config.grpo.kl_beta) == (
+    assert (config.model.path, config.settings.group_size, config.sampler.sde_kind, config.settings.kl_beta) == (
         model,
         group,
         sde,
@@ -435,7 +435,7 @@ def test_presets_validate_with_published_settings(name, model, group, sde, beta)
     )
     known = {info.name for info in rewards.list_rewards()}
     assert set(config.rewards) <= known and set(config.eval.rewards) <= known
-    assert config.grpo.clip_range == 1e-4
+    assert config.settings.clip_range == 1e-4
 
 
 def test_prompt_sources(tmp_path):

@@ -213,7 +213,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     attributes = ", ".join(f"{k} {v:.3f}" for k, v in result["per_attribute"].items())
     print(
         f"oracle accuracy {result['oracle_accuracy']:.3f} on {result['num_samples']} samples of "
-        f"{result['num_prompts']} {config.prompts} prompts ({attributes}); diversity {result['diversity']}"
+        f"{result['num_prompts']} {config.prompts} prompts ({attributes}); clip diversity {result['clip_diversity']}, pixel diversity {result['pixel_diversity']}"
     )
     for name, value in result["rewards"].items():
         print(f"  {name}: {value:.4f}")

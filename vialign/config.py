@@ -13,38 +13,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from vialign.errors import ConfigError
+from vialign.algorithms import algorithm_names, get_algorithm
+from vialign.errors import ConfigError, VialignInputError
+from vialign.schema import SDEWindow, StrictModel
 
 Schema = TypeVar("Schema", bound=BaseModel)
-
-
-def _check_window(value: tuple[int, int] | None) -> tuple[int, int] | None:
-    if value is not None and not 0 <= value[0] < value[1]:
-        raise ValueError(f"must be [start, stop) with 0 <= start < stop, got {list(value)}")
-    return value
-
-
-# [start, stop) of the stochastic steps of a sampler
-SDEWindow = Annotated[tuple[int, int] | None, AfterValidator(_check_window)]
-
-
-class StrictModel(BaseModel):
-    """Rejects unknown keys; validates on assignment too."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(StrictModel):
@@ -244,7 +222,7 @@ class OptimConfig(StrictModel):
 
 
 class TrainSamplerConfig(StrictModel):
-    """How rollouts are sampled (the policy GRPO trains)."""
+    """How training rollouts are sampled."""
 
     num_steps: int | None = Field(None, ge=1, le=1000, description="denoising steps; default the model's")
     sde_kind: Literal["ddim", "flow-sde", "dance-sde", "cps"] | None = Field(
@@ -266,96 +244,6 @@ class TrainSamplerConfig(StrictModel):
     )
     height: int | None = Field(None, ge=8, le=8192, description="image height; default the model's")
     width: int | None = Field(None, ge=8, le=8192, description="image width; default the model's")
-
-
-class GRPOConfig(StrictModel):
-    """GRPO (DESIGN.md section 5)."""
-
-    group_size: int = Field(8, ge=2, le=1024, description="samples per prompt (G)")
-    prompts_per_step: int = Field(8, ge=1, le=4096, description="prompts per training step (all processes)")
-    advantage_std: Literal["group", "global"] = Field("group", description="normalise by group or batch std")
-    advantage_clip: float | None = Field(5.0, gt=0, description="clip advantages to +-this (null: off)")
-    drop_zero_std_groups: bool = Field(True, description="skip groups whose rewards are all equal")
-    per_prompt_stats: bool = Field(False, description="DDPO: z-score against a per-prompt reward buffer")
-    stats_buffer_size: int = Field(32, ge=2, description="per_prompt_stats: rewards kept per prompt")
-    stats_min_count: int = Field(16, ge=1, description="per_prompt_stats: below this, use batch stats")
-    reward_mode: Literal["sum", "per_reward"] = Field(
-        "sum", description="advantages of the weighted reward sum, or per-reward advantages summed"
-    )
-    clip_range: float = Field(1e-4, gt=0, le=10, description="PPO clip range c of the ratio")
-    log_prob_reduction: Literal["sum", "mean"] = Field(
-        "mean", description="log-probs summed over latent dims (exact) or averaged (published recipes)"
-    )
-    kl_beta: float = Field(0.0, ge=0, description="KL-to-reference coefficient beta")
-    train_steps: Literal["all", "all_but_last", "first", "random"] = Field(
-        "all", description="which stochastic steps are trained"
-    )
-    step_fraction: float = Field(1.0, gt=0, le=1, description="fraction of steps for first / random")
-    inner_epochs: int = Field(1, ge=1, le=100, description="passes over each rollout batch")
-    micro_batch_size: int = Field(
-        8, ge=1, le=4096, description="samples per denoiser call in rollouts and training (memory)"
-    )
-
-
-class GradientConfig(StrictModel):
-    """Reward-gradient methods (DESIGN.md section 5): DRaFT-K / DRaFT-LV / DRaFT+, AlignProp, ReFL."""
-
-    prompts_per_step: int = Field(8, ge=1, le=4096, description="prompts (one sample each) per training step")
-    micro_batch_size: int = Field(4, ge=1, le=4096, description="samples per backward pass (memory)")
-    grad_steps: int = Field(1, ge=1, description="DRaFT-K: gradients through the last K steps")
-    alignprop_k_mean: float = Field(
-        0.0,
-        ge=0,
-        description="AlignProp: K drawn per step from a Gaussian with this mean (0: fixed grad_steps)",
-    )
-    alignprop_k_std: float = Field(0.0, ge=0, description="AlignProp: std of K")
-    lv_samples: int = Field(
-        0, ge=0, le=64, description="DRaFT-LV: re-noise the last step this many times (0: off)"
-    )
-    kl_coeff: float = Field(
-        0.0, ge=0, description="DRaFT+: coeff of |pred_theta - pred_init|^2 over the window"
-    )
-    refl_steps: tuple[int, int] = Field(
-        (0, 0),
-        description="ReFL: [T1, T2] step range; the grad step is drawn uniformly in it (0, 0: the last quarter)",
-    )
-    loss: Literal["negate", "hinge", "target"] = Field("negate", description="reward -> loss transform")
-    margin: float | None = Field(None, description="hinge: relu(margin - r)")
-    target: float | None = Field(None, description="target: |r - target|")
-    loss_scale: float = Field(1.0, gt=0, description="multiplies the reward loss (ReFL uses 1e-3)")
-    eta: float = Field(
-        0.0, ge=0, le=10, description="noise of the sampler: DDIM eta / Flow-SDE a (0: the ODE)"
-    )
-    checkpoint: bool = Field(True, description="recompute each window step's activations in backward")
-    offload: bool = Field(False, description="keep saved activations on the CPU (torch save_on_cpu)")
-    regularizer_data: str | None = Field(
-        None,
-        description="ReFL: JSONL of {file, prompt} rows (images next to it) for the denoising-loss regulariser",
-    )
-    regularizer_weight: float = Field(1.0, ge=0, description="ReFL: weight of the denoising loss")
-
-
-class AdjointConfig(StrictModel):
-    """Adjoint Matching (Domingo-Enrich et al. 2024): memoryless SDE, lean adjoint, regression loss."""
-
-    prompts_per_step: int = Field(8, ge=1, le=4096, description="samples per training step")
-    micro_batch_size: int = Field(8, ge=1, le=4096, description="samples per backward pass")
-    reward_multiplier: float = Field(
-        100.0, gt=0, description="lambda: the terminal adjoint is -lambda grad r"
-    )
-    trained_timesteps: int = Field(
-        10, ge=1, description="steps of the stratified subset the loss is computed at"
-    )
-    clip_quantile: float = Field(
-        0.9, gt=0, le=1, description="per-sample losses clipped at an EMA of this quantile"
-    )
-    clip_ema: float = Field(0.9, ge=0, lt=1, description="EMA decay of the clipping threshold (0: off)")
-    cfg_in_loss: bool = Field(
-        False, description="use CFG in the adjoint and the loss too (default: rollout only)"
-    )
-    buffer_passes: int = Field(
-        1, ge=1, le=100, description="optimizer passes over each batch of trajectories"
-    )
 
 
 class TrainLoopConfig(StrictModel):
@@ -384,10 +272,17 @@ class TrainEvalConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    """``vialign train``: align a generator with rewards (GRPO)."""
+    """``vialign train``: align a generator with rewards.
 
-    algorithm: Literal["grpo", "draft", "alignprop", "refl", "adjoint_matching"] = Field(
-        "grpo", description="grpo (RL), draft / alignprop / refl (reward gradients), adjoint_matching"
+    The algorithm's own settings are the section named after it (``grpo: {...}``, ``draft: {...}``),
+    validated by the algorithm's ``Settings`` class (``vialign.algorithms``); ``config.settings`` is that
+    section. A section of another algorithm is an error, not silently ignored.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    algorithm: str = Field(
+        "grpo", description="a registered algorithm: grpo, draft, alignprop, refl, adjoint_matching, ..."
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     output_dir: str = Field("runs/train", description="metrics, TensorBoard logs, checkpoints, final weights")
@@ -400,30 +295,46 @@ class TrainConfig(StrictModel):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     sampler: TrainSamplerConfig = Field(default_factory=TrainSamplerConfig)
-    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
-    gradient: GradientConfig = Field(default_factory=GradientConfig)
-    adjoint: AdjointConfig = Field(default_factory=AdjointConfig)
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
     eval: TrainEvalConfig = Field(default_factory=TrainEvalConfig)
 
     @model_validator(mode="after")
-    def _needs_rewards(self) -> TrainConfig:
-        if not self.rewards:
+    def _algorithm_section(self) -> TrainConfig:
+        sections = dict(self.__pydantic_extra__ or {})
+        names = algorithm_names()
+        unknown = sorted(key for key in sections if key not in names)
+        if unknown:
+            allowed = sorted([*type(self).model_fields, *names])
+            raise ValueError(f"{unknown[0]}: unknown key; allowed keys here: {', '.join(allowed)}")
+        try:
+            algorithm = get_algorithm(self.algorithm)
+        except VialignInputError as error:
+            raise ValueError(f"algorithm: {error}") from None
+        others = sorted(key for key in sections if key != self.algorithm)
+        if others:
+            raise ValueError(
+                f"{others[0]}: settings of the {others[0]} algorithm, but algorithm is {self.algorithm!r}; "
+                f"set algorithm={others[0]} or remove the section"
+            )
+        raw = sections.get(self.algorithm) or {}
+        if isinstance(raw, BaseModel):
+            raw = raw.model_dump()
+        try:
+            settings = algorithm.Settings.model_validate(raw)
+        except ValidationError as error:
+            raise ValueError(
+                "\n  ".join(problem_lines(error, algorithm.Settings, prefix=self.algorithm))
+            ) from None
+        algorithm.check_settings(settings, self.sampler.num_steps)
+        self.__pydantic_extra__[self.algorithm] = settings
+        if algorithm.reward != "none" and not self.rewards:
             raise ValueError("rewards: at least one training reward is needed, e.g. rewards: {pickscore: {}}")
-        steps = self.sampler.num_steps
-        if self.algorithm in ("draft", "alignprop") and steps is not None:
-            k = self.gradient.grad_steps if self.algorithm == "draft" else self.gradient.alignprop_k_mean
-            if k > steps:
-                raise ValueError(
-                    f"gradient.grad_steps / alignprop_k_mean = {k} exceeds sampler.num_steps = {steps}"
-                )
-        if self.algorithm == "refl":
-            low, high = self.gradient.refl_steps
-            if low > high or (steps is not None and high >= steps):
-                raise ValueError(
-                    f"gradient.refl_steps = {[low, high]} must satisfy 0 <= T1 <= T2 < sampler.num_steps ({steps})"
-                )
         return self
+
+    @property
+    def settings(self) -> StrictModel:
+        """The algorithm's settings (its section, validated)."""
+        return self.__pydantic_extra__[self.algorithm]
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -491,14 +402,14 @@ def _allowed_keys(schema: type[BaseModel], loc: Sequence[Any]) -> list[str]:
     return []
 
 
-def format_validation_error(
-    error: ValidationError, schema: type[BaseModel], source: str, flags: Mapping[str, str] | None = None
-) -> str:
-    """One line per problem: ``key (--flag): what is wrong (got value)``."""
+def problem_lines(
+    error: ValidationError, schema: type[BaseModel], flags: Mapping[str, str] | None = None, prefix: str = ""
+) -> list[str]:
+    """One line per problem: ``key (--flag): what is wrong (got value)``; ``prefix`` names the section."""
     lines = []
     for problem in error.errors():
         loc = [p for p in problem["loc"] if not isinstance(p, int) or problem["type"] != "extra_forbidden"]
-        key = ".".join(str(p) for p in problem["loc"])
+        key = ".".join(str(p) for p in (prefix, *problem["loc"]) if p != "")
         flag = (flags or {}).get(key)
         name = f"{key} ({flag})" if flag else key
         if problem["type"] == "extra_forbidden":
@@ -508,9 +419,18 @@ def format_validation_error(
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "missing":
             lines.append(f"{name}: required key is missing")
+        elif not key:  # a check of the whole config: its message names the key
+            lines.append(message)
         else:
             lines.append(f"{name}: {message} (got {problem.get('input')!r})")
-    return f"invalid config ({source}):\n  " + "\n  ".join(lines)
+    return lines
+
+
+def format_validation_error(
+    error: ValidationError, schema: type[BaseModel], source: str, flags: Mapping[str, str] | None = None
+) -> str:
+    """The message of a :class:`ConfigError`: the source, then one line per problem."""
+    return f"invalid config ({source}):\n  " + "\n  ".join(problem_lines(error, schema, flags))
 
 
 def load_config(

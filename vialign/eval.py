@@ -4,8 +4,9 @@
     vialign eval --lora runs/x/lora --reward shapeworld-clip --out eval/x
 
 Writes ``DIR/eval.json`` (oracle accuracy overall, per attribute and per prompt, the mean of every
-reward asked for, diversity = mean pairwise cosine distance of the tiny CLIP's image embeddings within a
-prompt) and ``DIR/grid.png`` (rows: prompts, columns: seeds).
+reward asked for; ``clip_diversity``: mean pairwise cosine distance of the tiny CLIP's image embeddings
+within a prompt; ``pixel_diversity``: mean pairwise RMS pixel distance within a prompt, the measure
+``vialign train`` logs as ``eval/pixel_diversity``) and ``DIR/grid.png`` (rows: prompts, columns: seeds).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rewards import shapeworld as sw
 from vialign.config import EvalConfig
 from vialign.errors import VialignInputError
 from vialign.sample import load_model, read_prompts
-from vialign.sampling import Sampler
+from vialign.sampling import Sampler, sde_sampler
 
 GRID_ROWS, GRID_COLUMNS = 12, 8
 
@@ -54,11 +55,7 @@ def run_eval(config: EvalConfig) -> dict:
     settings = config.sampler
     sampler = Sampler()
     if settings.kind == "sde":
-        sampler = Sampler(
-            sde=settings.sde_kind or ("ddim" if adapter.kind == "diffusion" else "flow-sde"),
-            noise_level=settings.noise_level,
-            sde_window=settings.sde_window,
-        )
+        sampler = sde_sampler(adapter.kind, settings.sde_kind, settings.noise_level, settings.sde_window)
     num_steps = settings.num_steps or adapter.default_num_steps
     guidance_scale = (
         settings.guidance_scale if settings.guidance_scale is not None else adapter.default_guidance_scale
@@ -93,7 +90,10 @@ def run_eval(config: EvalConfig) -> dict:
         "oracle_accuracy": report.accuracy,
         "per_attribute": report.per_attribute,
         "rewards": reward_means,
-        "diversity": evaluate.diversity(embeddings, config.samples_per_prompt)
+        "clip_diversity": evaluate.embedding_diversity(embeddings, config.samples_per_prompt)
+        if config.samples_per_prompt > 1
+        else None,
+        "pixel_diversity": evaluate.pixel_diversity(samples.pixels, config.samples_per_prompt)
         if config.samples_per_prompt > 1
         else None,
         "per_prompt": dict(zip(prompts, per_prompt.tolist())),

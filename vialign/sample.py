@@ -23,7 +23,7 @@ from pipelines.adapter import GeneratorAdapter, Guidance
 from vialign.config import ModelConfig, SampleConfig
 from vialign.data import read_prompt_file
 from vialign.errors import VialignInputError
-from vialign.sampling import Sampler, rollout_prompts
+from vialign.sampling import Sampler, rollout_prompts, sde_sampler
 
 INDEX_FILE = "samples.jsonl"
 logger = logging.getLogger(__name__)
@@ -131,13 +131,11 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
     default_height, default_width = adapter.default_size
     height, width = config.height or default_height, config.width or default_width
     adapter.check_size(height, width)
+    sampler = Sampler()
     if sampler_config.kind == "sde":
-        sde = sampler_config.sde_kind or ("ddim" if adapter.kind == "diffusion" else "flow-sde")
-        sampler = Sampler(
-            sde=sde, noise_level=sampler_config.noise_level, sde_window=sampler_config.sde_window
+        sampler = sde_sampler(
+            adapter.kind, sampler_config.sde_kind, sampler_config.noise_level, sampler_config.sde_window
         )
-    else:
-        sampler = Sampler()
     num_steps = sampler_config.num_steps or adapter.default_num_steps
     sampler.check(adapter.schedule(num_steps, height, width))
     guidance = adapter.make_guidance(sampler_config.guidance_scale, sampler_config.true_cfg_scale)

@@ -5,15 +5,16 @@
 
 It owns prompt data (train and held-out), the generator adapter with LoRA or full fine-tuning, the
 training rewards, AdamW with warm-up and decay, gradient clipping, an EMA of the trainable weights,
-processes (accelerate: the denoiser wrapped in DDP for the gradient pass; rollouts, references and
-evaluation run on the unwrapped module), periodic evaluation with its own rewards and a diversity
-measure, logging (``metrics.jsonl`` + TensorBoard), atomic checkpoints with resume, and the final export
-(diffusers LoRA weights, or a full pipeline folder). The algorithm (``vialign.algorithms``) gets the
-trainer and does one training step at a time.
+processes (accelerate starts them; gradients are summed over them once per optimizer step,
+``vialign.distributed``), periodic evaluation with its own rewards and a pixel-diversity measure,
+logging (``metrics.jsonl`` + TensorBoard), atomic checkpoints with resume, and the final export
+(diffusers LoRA weights, or a full pipeline folder).
 
-Every source of randomness is keyed by (seed, step, global sample index): prompts, initial and SDE
-noise, the choice of trained steps. A run therefore needs no RNG state to resume, and N processes
-draw exactly the samples one process would draw for the same global batch.
+The algorithm is looked up by name in the registry (``vialign.algorithms``); the trainer asks it what
+it needs (a differentiable reward, a reference model) and hands it a :class:`TrainingContext`, never
+itself (docs/architecture.md). Every source of randomness is keyed by (seed, step, global sample index)
+(``vialign.algorithms.sample_seed``), so a run needs no RNG state to resume, and N processes draw
+exactly the samples one process would draw for the same global batch.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from vialign.algorithms import TrainingContext, get_algorithm
 from vialign.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -42,16 +44,12 @@ from vialign.checkpoint import (
 )
 from vialign.config import TrainConfig
 from vialign.data import load_prompts, split_prompts
+from vialign.distributed import Processes
 from vialign.errors import VialignInputError
 
 logger = logging.getLogger(__name__)
 
 SHAPEWORLD_ORACLE = "shapeworld-oracle"
-
-
-def sample_seed(seed: int, step: int, index: int) -> int:
-    """The noise seed of global sample ``index`` at training ``step``: independent of processes."""
-    return ((seed * 1_000_003 + step) * 1_048_576 + index) % (2**63 - 1)
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -113,6 +111,10 @@ class Trainer:
         # form a gloo group on the CPU; Accelerator() alone would leave each one on its own
         on_cpu = config.model.device == "cpu" or not torch.cuda.is_available()
         self.accelerator = Accelerator(cpu=on_cpu)
+        self.processes = Processes(
+            self.accelerator.process_index, self.accelerator.num_processes, self.accelerator.device
+        )
+        self.algorithm_class = get_algorithm(config.algorithm)
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self._check_output_dir(resume)
@@ -123,14 +125,7 @@ class Trainer:
         self.optimizer = self._optimizer()
         self.ema = [p.detach().clone().float() for p in self.trainable] if config.finetune.ema_decay else None
         self.reference_denoiser = self._reference()
-        denoiser = self.adapter.unwrapped_denoiser
-        self.wrapped_denoiser = (
-            self.accelerator.prepare_model(denoiser) if self.accelerator.num_processes > 1 else denoiser
-        )
-        from vialign.algorithms import build_algorithm
-
-        self.algorithm = build_algorithm(config, self)
-        self.counters = {"nonfinite_groups": 0, "skipped_updates": 0}
+        self.algorithm = self.algorithm_class(config.settings, self.context())
         self.start_step = 1
         resume_step = self._resume() if resume else None
         self.metrics = (
@@ -148,7 +143,27 @@ class Trainer:
 
     @property
     def world_size(self) -> int:
-        return self.accelerator.num_processes
+        return self.processes.world_size
+
+    def context(self) -> TrainingContext:
+        """What the algorithm sees of this trainer."""
+        adapter, sampling = self.adapter, self.config.sampler
+        height, width = self.image_size()
+        return TrainingContext(
+            adapter=adapter,
+            reward=self.reward,
+            reward_weights={name: spec.weight for name, spec in self.config.rewards.items()},
+            prompts=self.train_prompts,
+            seed=self.config.seed,
+            num_steps=sampling.num_steps or adapter.default_num_steps,
+            height=height,
+            width=width,
+            guidance=adapter.make_guidance(sampling.guidance_scale),
+            sampling=sampling,
+            processes=self.processes,
+            reference=self.reference,
+            optimizer_step=self.optimizer_step,
+        )
 
     def _check_output_dir(self, resume: bool) -> None:
         earlier = (self.output_dir / "metrics.jsonl").exists() or list_checkpoints(self.checkpoint_dir)
@@ -213,22 +228,22 @@ class Trainer:
                     f"the {adapter.denoiser_name} does not support gradient checkpointing"
                 )
             denoiser.enable_gradient_checkpointing()
-        denoiser.train()  # diffusers denoisers have no dropout by default; train() only matters for ones that do
+        denoiser.eval()  # algorithms switch to train mode for their gradient passes (context.train_mode)
         return params
 
     def _load_rewards(self):
         import rewards
 
         specs = self.config.rewards
+        if not specs:  # an algorithm that needs no reward (the config checked the others have one)
+            return None
         reward = rewards.combine(
             {name: spec.weight for name, spec in specs.items()},
             {name: spec.options for name, spec in specs.items()},
         )
-        if self.config.algorithm != "grpo":
-            from rewards.losses import require_differentiable
-
+        if self.algorithm_class.reward == "differentiable":
             for component in reward.components.values():
-                require_differentiable(component, f"algorithm={self.config.algorithm}")
+                rewards.require_differentiable(component, f"algorithm={self.config.algorithm}")
         judges = [name for name, r in reward.components.items() if r.info.judge]
         if judges:
             logger.warning(
@@ -254,50 +269,15 @@ class Trainer:
         )
 
     def _reference(self) -> torch.nn.Module | None:
-        """Full fine-tuning with KL keeps a frozen copy of the initial denoiser (LoRA disables its adapter)."""
+        """Full fine-tuning keeps a frozen copy of the initial denoiser when the algorithm uses a reference
+        (LoRA disables its adapter instead)."""
         config = self.config
-        needs_reference = (
-            (config.algorithm == "grpo" and config.grpo.kl_beta > 0)
-            or (config.algorithm in ("draft", "alignprop", "refl") and config.gradient.kl_coeff > 0)
-            or config.algorithm == "adjoint_matching"
-        )
-        if config.finetune.method != "full" or not needs_reference:
+        if config.finetune.method != "full" or not self.algorithm_class.needs_reference(config.settings):
             return None
         reference = copy.deepcopy(self.adapter.unwrapped_denoiser).requires_grad_(False).eval()
         return reference.to("cpu") if self.config.finetune.reference_on_cpu else reference
 
     # ------------------------------------------------------------------ services for algorithms
-    def local_range(self, global_size: int) -> tuple[int, int]:
-        """This process's contiguous share [lo, hi) of a global batch."""
-        if global_size % self.world_size:
-            raise VialignInputError(
-                f"a global batch of {global_size} samples does not split evenly over {self.world_size} "
-                "processes; make prompts_per_step x group_size a multiple of the number of processes"
-            )
-        share = global_size // self.world_size
-        rank = self.accelerator.process_index
-        return rank * share, (rank + 1) * share
-
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Concatenate every process's ``tensor`` in process order (the global batch order)."""
-        if self.world_size == 1:
-            return tensor
-        return self.accelerator.gather(tensor.contiguous().to(self.accelerator.device)).to(tensor.device)
-
-    def reduce(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        if self.world_size == 1:
-            return value
-        return self.accelerator.reduce(value.to(self.accelerator.device), reduction=op).to(value.device)
-
-    @contextlib.contextmanager
-    def policy(self) -> Iterator[None]:
-        """Denoiser calls inside go through the DDP wrapper (the gradient pass: gradients are averaged)."""
-        self.adapter.denoiser = self.wrapped_denoiser
-        try:
-            yield
-        finally:
-            self.adapter.denoiser = self.adapter.unwrapped_denoiser
-
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
         """The reference policy of KL terms: LoRA disabled, or the frozen copy for full fine-tuning."""
@@ -317,24 +297,10 @@ class Trainer:
             if offloaded:
                 reference.to("cpu")
 
-    def no_sync(self, sync: bool):
-        """Gradients are averaged over processes only on the backward pass with ``sync=True``."""
-        if sync or self.world_size == 1:
-            return contextlib.nullcontext()
-        return self.accelerator.no_sync(self.wrapped_denoiser)
-
-    def average_gradients(self) -> None:
-        """Average the trainable weights' gradients over processes (for algorithms that call the unwrapped
-        denoiser several times per backward pass, which DDP's hooks do not allow)."""
-        if self.world_size == 1:
-            return
-        for param in self.trainable:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            param.grad.copy_(self.reduce(param.grad, "mean"))
-
     def optimizer_step(self, step: int) -> float:
-        """Clip, step, zero the gradients, update the EMA; returns the gradient norm before clipping."""
+        """Sum the gradients over processes, clip, step, zero them, update the EMA; returns the gradient
+        norm before clipping."""
+        self.processes.sum_gradients(self.trainable)
         optim = self.config.optim
         factor = lr_factor(step, optim.warmup_steps, self.config.train.max_steps, optim.lr_schedule)
         for group in self.optimizer.param_groups:
@@ -380,10 +346,11 @@ class Trainer:
             metrics = self.algorithm.step(step)
             metrics["time/step_s"] = time.perf_counter() - start
             metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-            metrics.update({f"count/{k}": v for k, v in self.counters.items()})
             last = metrics
+            shown = {"reward": metrics["reward/mean"]} if "reward/mean" in metrics else {}
             bar.set_postfix(
-                reward=f"{metrics['reward/mean']:.3f}", s_per_step=f"{metrics['time/step_s']:.1f}"
+                {name: f"{value:.3f}" for name, value in shown.items()},
+                s_per_step=f"{metrics['time/step_s']:.1f}",
             )
             if self.is_main and (step % config.log_every == 0 or step == config.max_steps):
                 self.metrics.log(step, metrics)
@@ -399,7 +366,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, step: int) -> dict[str, float]:
         """Sample the held-out prompts (ODE, seeds 0..S-1, EMA weights) on the main process and log
-        ``eval/<reward>`` means, ``eval/oracle_accuracy`` (with the ShapeWorld judge), ``eval/diversity``
+        ``eval/<reward>`` means, ``eval/oracle_accuracy`` (with the ShapeWorld judge), ``eval/pixel_diversity``
         and an image grid ``eval/step-<step>.png``."""
         results: dict[str, float] = {}
         if self.is_main and self.eval_prompts:
@@ -426,6 +393,7 @@ class Trainer:
     def _evaluate(self, step: int) -> dict[str, float]:
         from vialign.media import save_grid
         from vialign.sample import generate_images
+        from vialign.testbed.evaluate import pixel_diversity
 
         config, adapter = self.config.eval, self.adapter
         prompts = self.eval_prompts[: config.max_prompts]
@@ -453,7 +421,7 @@ class Trainer:
                 results["eval/oracle_accuracy"] = results[f"eval/{name}"]
                 results.update({f"eval/oracle/{k}": float(v.float().mean()) for k, v in out.dims.items()})
         if per_prompt > 1:
-            results["eval/diversity"] = pixel_diversity(pixels, per_prompt)
+            results["eval/pixel_diversity"] = pixel_diversity(pixels, per_prompt)
         rows, columns = min(8, len(prompts)), min(8, per_prompt)
         pick = [p * per_prompt + s for p in range(rows) for s in range(columns)]
         (self.output_dir / "eval").mkdir(exist_ok=True)
@@ -481,7 +449,6 @@ class Trainer:
             state = {
                 "optimizer": optimizer_meta,
                 "algorithm": self.algorithm.state_dict(),
-                "counters": self.counters,
                 "world_size": self.world_size,
             }
             save_checkpoint(
@@ -507,7 +474,6 @@ class Trainer:
                     average.copy_(tensors[f"ema.{name}"])
         optimizer_from_flat(self.optimizer, tensors, state["optimizer"])
         self.algorithm.load_state_dict(state["algorithm"])
-        self.counters.update(state["counters"])
         self.start_step = state["step"] + 1
         if self.is_main:
             logger.info("resumed from %s (step %d)", path, state["step"])
@@ -526,15 +492,6 @@ class Trainer:
                     self.adapter.save_pipeline(final)
         self.accelerator.wait_for_everyone()
         return final
-
-
-def pixel_diversity(pixels: torch.Tensor, group: int) -> float:
-    """Mean pairwise RMS pixel distance between the images of one prompt (consecutive groups of
-    ``group``), averaged over prompts: 0 when every seed gives the same image."""
-    flat = pixels.flatten(1).float().view(-1, group, pixels[0].numel())
-    distances = torch.cdist(flat, flat) / math.sqrt(pixels[0].numel())
-    pairs = group * (group - 1)
-    return float(distances.sum((1, 2)).div(pairs).mean())
 
 
 def run_train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, float]:

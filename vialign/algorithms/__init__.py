@@ -1,28 +1,34 @@
-"""Training algorithms, one file each, on the shared trainer (``vialign.trainer``).
+"""Training algorithms, one file per family, on the shared trainer (``vialign.trainer``).
 
+base.py              the protocol: Algorithm, TrainingContext, register / get_algorithm
 grpo.py              GRPO for diffusion and flow models (DanceGRPO, Flow-GRPO, DDPO)
-reward_gradient.py   DRaFT-K / DRaFT-LV / DRaFT+, AlignProp, ReFL: reward gradients through the sampler
+draft.py             DRaFT-K / DRaFT-LV / DRaFT+ and AlignProp: reward gradients through the sampler
+refl.py              ReFL: one gradient step, the one-shot x0 prediction scored
 adjoint_matching.py  Adjoint Matching: memoryless SDE, lean adjoint, regression loss
+
+Importing this package registers the built-in algorithms. A new one is a file with an ``@register``-ed
+:class:`Algorithm` subclass, imported before the config is loaded (docs/architecture.md).
 """
 
-from __future__ import annotations
+from vialign.algorithms import adjoint_matching, draft, grpo, refl
+from vialign.algorithms.base import (
+    Algorithm,
+    TrainingContext,
+    algorithm_names,
+    get_algorithm,
+    register,
+    sample_seed,
+)
 
-from typing import Any
-
-
-def build_algorithm(config: Any, trainer: Any) -> Any:
-    """The algorithm object of ``config.algorithm``: ``step(step) -> metrics``, ``state_dict()``,
-    ``load_state_dict(state)``."""
-    if config.algorithm == "grpo":
-        from vialign.algorithms.grpo import GRPO
-
-        return GRPO(config, trainer)
-    if config.algorithm in ("draft", "alignprop", "refl"):
-        from vialign.algorithms.reward_gradient import RewardGradient
-
-        return RewardGradient(config, trainer)
-    if config.algorithm == "adjoint_matching":
-        from vialign.algorithms.adjoint_matching import AdjointMatching
-
-        return AdjointMatching(config, trainer)
-    raise ValueError(f"unknown algorithm {config.algorithm!r}")
+__all__ = [
+    "Algorithm",
+    "TrainingContext",
+    "adjoint_matching",
+    "algorithm_names",
+    "draft",
+    "get_algorithm",
+    "grpo",
+    "refl",
+    "register",
+    "sample_seed",
+]

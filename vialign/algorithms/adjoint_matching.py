@@ -1,5 +1,5 @@
 """Adjoint Matching (Domingo-Enrich, Drozdzal, Karrer, Chen 2024, arXiv:2409.08861), for flow and
-diffusion models, in the discrete time of the sampler (DESIGN.md sections 4 and 5).
+diffusion models, in the discrete time of the sampler (docs/algorithms.md, "Adjoint Matching").
 
 Fine-tuning as stochastic optimal control needs a *memoryless* noise schedule (the paper's Prop. 1):
 
@@ -33,8 +33,37 @@ from dataclasses import replace
 
 import torch
 import torch.utils.checkpoint
+from pydantic import Field
 
-from vialign.sampling import Sampler
+from vialign.algorithms.base import Algorithm, TrainingContext, register
+from vialign.data import prompts_for_step
+from vialign.errors import VialignInputError
+from vialign.losses import adjoint_regression, quantile_threshold
+from vialign.sampling import Sampler, evaluate_step, rollout_prompts
+from vialign.schema import StrictModel
+
+
+class AdjointMatchingSettings(StrictModel):
+    """The ``adjoint_matching:`` section."""
+
+    prompts_per_step: int = Field(8, ge=1, le=4096, description="samples per training step")
+    micro_batch_size: int = Field(8, ge=1, le=4096, description="samples per backward pass")
+    reward_multiplier: float = Field(
+        100.0, gt=0, description="lambda: the terminal adjoint is -lambda grad r"
+    )
+    trained_timesteps: int = Field(
+        10, ge=1, description="steps of the stratified subset the loss is computed at"
+    )
+    clip_quantile: float = Field(
+        0.9, gt=0, le=1, description="per-sample losses clipped at an EMA of this quantile"
+    )
+    clip_ema: float = Field(0.9, ge=0, lt=1, description="EMA decay of the clipping threshold (0: off)")
+    cfg_in_loss: bool = Field(
+        False, description="use CFG in the adjoint and the loss too (default: rollout only)"
+    )
+    buffer_passes: int = Field(
+        1, ge=1, le=100, description="optimizer passes over each batch of trajectories"
+    )
 
 
 def memoryless_sampler(kind: str) -> Sampler:
@@ -46,8 +75,6 @@ def memoryless_sampler(kind: str) -> Sampler:
 
 def step_mean(adapter, schedule, sampler, k: int, x: torch.Tensor, cond, guidance, uncond):
     """(mu(x_k), s_k) of step k of a stochastic sampler."""
-    from vialign.sampling import evaluate_step
-
     out = evaluate_step(
         adapter,
         schedule,
@@ -82,10 +109,10 @@ def lean_adjoint(
 
 
 def regression_loss(adapter, schedule, sampler, latents, adjoints, steps, cond, guidance, uncond, reference):
-    """Per-sample ``mean_k |(mu_ft(x_k) - mu_base(x_k)) / s_k + s_k a_{k+1}|^2`` over ``steps``, differentiable
-    w.r.t. the fine-tuned weights. Each step's denoiser call is checkpointed, so the graph kept until the
-    backward pass is one latent-sized tensor per step: memory does not grow with the number of steps.
-    ``reference`` is a context-manager factory that puts the base model in place."""
+    """Per-sample ``mean_k adjoint_regression(mu_ft(x_k), mu_base(x_k), s_k, a_{k+1})`` over ``steps``,
+    differentiable w.r.t. the fine-tuned weights. Each step's denoiser call is checkpointed, so the graph
+    kept until the backward pass is one latent-sized tensor per step: memory does not grow with the number
+    of steps. ``reference`` is a context-manager factory that puts the base model in place."""
     per_sample = torch.zeros(latents.shape[0], device=adapter.device)
     for k in steps:
         x = latents[:, k]
@@ -96,9 +123,7 @@ def regression_loss(adapter, schedule, sampler, latents, adjoints, steps, cond, 
             return step_mean(adapter, schedule, sampler, k, x_in, cond, guidance, uncond)[0]
 
         mean = torch.utils.checkpoint.checkpoint(fine_tuned_mean, x, use_reentrant=False)
-        std = std.reshape(-1, *[1] * (x.ndim - 1)) if std.ndim else std
-        residual = (mean - base_mean) / std + std * adjoints[:, k + 1]
-        per_sample = per_sample + residual.square().flatten(1).sum(1) / len(steps)
+        per_sample = per_sample + adjoint_regression(mean, base_mean, std, adjoints[:, k + 1]) / len(steps)
     return per_sample
 
 
@@ -113,19 +138,24 @@ def stratified_steps(num_steps: int, count: int, generator: torch.Generator) -> 
     return sorted(set(steps))
 
 
-class AdjointMatching:
-    """``config.algorithm = adjoint_matching``; see the module docstring."""
+@register
+class AdjointMatching(Algorithm):
+    """See the module docstring."""
 
-    def __init__(self, config, trainer):
-        self.config, self.trainer, self.settings = config, trainer, config.adjoint
-        adapter = trainer.adapter
-        self.num_steps = config.sampler.num_steps or adapter.default_num_steps
-        self.height, self.width = trainer.image_size()
-        self.schedule = adapter.schedule(self.num_steps, self.height, self.width)
-        self.sampler = memoryless_sampler(adapter.kind)
-        self.guidance = adapter.make_guidance(config.sampler.guidance_scale)
+    name = "adjoint_matching"
+    Settings = AdjointMatchingSettings
+    reward = "differentiable"
+
+    @classmethod
+    def needs_reference(cls, settings) -> bool:
+        return True  # the lean adjoint and the loss use the base model
+
+    def __init__(self, settings: AdjointMatchingSettings, context: TrainingContext):
+        super().__init__(settings, context)
+        self.schedule = context.schedule()
+        self.sampler = memoryless_sampler(context.adapter.kind)
         self.loss_guidance = (
-            self.guidance if self.settings.cfg_in_loss else replace(self.guidance, cfg_scale=1.0)
+            context.guidance if settings.cfg_in_loss else replace(context.guidance, cfg_scale=1.0)
         )
         self.clip_threshold: float | None = None
 
@@ -139,24 +169,17 @@ class AdjointMatching:
         """(a_N = -lambda grad_x r(D(x_N)), r): the reward's gradient through the decoder."""
         x = final.detach().requires_grad_(True)
         with torch.enable_grad():
-            score = self.trainer.reward(self.trainer.adapter.decode(x, checkpoint=True), prompts).score
+            score = self.context.reward(self.context.adapter.decode(x, checkpoint=True), prompts).score
             (grad,) = torch.autograd.grad(score.sum(), x)
         return -self.settings.reward_multiplier * grad, score.detach()
 
     def step(self, step: int) -> dict[str, float]:
-        from vialign.data import prompts_for_step
-        from vialign.errors import VialignInputError
-        from vialign.sampling import rollout_prompts
-        from vialign.trainer import sample_seed
-
-        trainer, settings, adapter = self.trainer, self.settings, self.trainer.adapter
-        seed = self.config.seed
-        prompts = prompts_for_step(trainer.train_prompts, step, settings.prompts_per_step, seed)
-        lo, hi = trainer.local_range(len(prompts))
+        context, settings, adapter = self.context, self.settings, self.context.adapter
+        prompts = prompts_for_step(context.prompts, step, settings.prompts_per_step, context.seed)
+        lo, hi = context.local_range(len(prompts))
         started = time.perf_counter()
         with torch.no_grad():
             adapter.encode_prompt(prompts)
-        adapter.unwrapped_denoiser.eval()
         parts, scores = [], []
         for start in range(lo, hi, settings.micro_batch_size):  # 1-3: rollouts and adjoints, no weight grads
             end = min(start + settings.micro_batch_size, hi)
@@ -164,18 +187,18 @@ class AdjointMatching:
                 trajectory = rollout_prompts(
                     adapter,
                     prompts[start:end],
-                    [sample_seed(seed, step, g) for g in range(start, end)],
+                    [context.sample_seed(step, g) for g in range(start, end)],
                     self.schedule,
-                    height=self.height,
-                    width=self.width,
-                    guidance=self.guidance,
+                    height=context.height,
+                    width=context.width,
+                    guidance=context.guidance,
                     sampler=self.sampler,
                 )
             terminal, score = self.terminal_adjoint(trajectory.final, prompts[start:end])
             if not torch.isfinite(score).all():
                 raise VialignInputError(f"step {step}: the reward returned NaN or infinite scores")
             uncond = adapter.uncond_embeds(end - start) if self.loss_guidance.uses_uncond else None
-            with trainer.reference():
+            with context.reference():
                 adjoints = lean_adjoint(
                     adapter,
                     self.schedule,
@@ -190,52 +213,45 @@ class AdjointMatching:
             scores.append(score)
         rollout_seconds = time.perf_counter() - started
 
-        generator = torch.Generator().manual_seed(sample_seed(seed, step, 2**42))
-        steps = [k for k in stratified_steps(self.num_steps, settings.trained_timesteps, generator)]
-        total = len(prompts)
-        adapter.unwrapped_denoiser.train()
+        generator = torch.Generator().manual_seed(context.sample_seed(step, 2**42))
+        steps = stratified_steps(context.num_steps, settings.trained_timesteps, generator)
         losses = []
-        for _ in range(settings.buffer_passes):  # 4: the regression loss, one optimizer step per pass
-            for latents, adjoints, cond, uncond in parts:
-                per_sample = regression_loss(
-                    adapter,
-                    self.schedule,
-                    self.sampler,
-                    latents,
-                    adjoints,
-                    steps,
-                    cond,
-                    self.loss_guidance,
-                    uncond,
-                    trainer.reference,
-                )
-                clipped = self._clip(per_sample)
-                (clipped.sum() / total * trainer.world_size).backward()
-                losses.append(per_sample.detach())
-            trainer.average_gradients()
-            grad_norm = trainer.optimizer_step(step)
-        adapter.unwrapped_denoiser.eval()
-        score = trainer.gather(torch.cat(scores).float())
-        loss = torch.cat(losses)
+        with context.train_mode():
+            for _ in range(settings.buffer_passes):  # 4: the regression loss, one optimizer step per pass
+                per_sample = [
+                    regression_loss(
+                        adapter,
+                        self.schedule,
+                        self.sampler,
+                        latents,
+                        adjoints,
+                        steps,
+                        cond,
+                        self.loss_guidance,
+                        uncond,
+                        context.reference,
+                    )
+                    for latents, adjoints, cond, uncond in parts
+                ]
+                # one threshold per pass from the losses of the whole global batch: every process clips alike
+                global_losses = context.gather(torch.cat(per_sample).detach())
+                if settings.clip_quantile < 1.0:
+                    self.clip_threshold = quantile_threshold(
+                        global_losses, settings.clip_quantile, self.clip_threshold, settings.clip_ema
+                    )
+                for part in per_sample:
+                    clipped = part if settings.clip_quantile >= 1.0 else part.clamp(max=self.clip_threshold)
+                    context.backward(clipped.sum() / len(prompts))
+                losses.append(global_losses)
+                grad_norm = context.optimizer_step(step)
+        score = context.gather(torch.cat(scores).float())
         return {
             "reward/mean": float(score.mean()),
             "reward/std": float(score.std(unbiased=False)) if score.numel() > 1 else 0.0,
-            "loss": float(loss.mean()),
+            "loss": float(torch.cat(losses).mean()),
             "clip_threshold": self.clip_threshold if self.clip_threshold is not None else float("nan"),
             "grad_norm": grad_norm,
             "trained_steps": len(steps),
             "time/rollout_s": rollout_seconds,
-            "time/step_train_s": time.perf_counter() - started - rollout_seconds,
+            "time/train_s": time.perf_counter() - started - rollout_seconds,
         }
-
-    def _clip(self, per_sample: torch.Tensor) -> torch.Tensor:
-        """Clip each sample's loss at an EMA of the batch quantile (outliers carry no gradient)."""
-        settings = self.settings
-        if settings.clip_quantile >= 1.0:
-            return per_sample
-        quantile = float(torch.quantile(per_sample.detach().float(), settings.clip_quantile))
-        if self.clip_threshold is None or settings.clip_ema == 0:
-            self.clip_threshold = quantile
-        else:
-            self.clip_threshold = settings.clip_ema * self.clip_threshold + (1 - settings.clip_ema) * quantile
-        return per_sample.clamp(max=self.clip_threshold)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from vialign.sampling.gaussian import StepOutput, broadcast, deterministic, gaussian_step
+from pipelines.prediction import per_sample
+from vialign.sampling.gaussian import StepOutput, deterministic, gaussian_step
 
 
 def ddim_std(alpha, sigma, alpha_next, sigma_next, eta: float) -> torch.Tensor:
@@ -43,8 +44,8 @@ def ddim_step(
 
     ``prev`` scores a stored x' (re-evaluation); ``noise`` replays a draw; else ``generator`` draws.
     """
-    a, s = broadcast(alpha, x0_hat).double(), broadcast(sigma, x0_hat).double()
-    a_next, s_next = broadcast(alpha_next, x0_hat).double(), broadcast(sigma_next, x0_hat).double()
+    a, s = per_sample(alpha, x0_hat).double(), per_sample(sigma, x0_hat).double()
+    a_next, s_next = per_sample(alpha_next, x0_hat).double(), per_sample(sigma_next, x0_hat).double()
     std = ddim_std(a, s, a_next, s_next, eta) if eta > 0 else torch.zeros_like(s)
     direction = torch.sqrt(torch.clamp(s_next**2 - std**2, min=0.0))
     mean = a_next.float() * x0_hat.float() + direction.float() * eps_hat.float()

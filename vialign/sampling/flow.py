@@ -22,12 +22,13 @@ import math
 
 import torch
 
-from vialign.sampling.gaussian import StepOutput, broadcast, deterministic, gaussian_step
+from pipelines.prediction import per_sample
+from vialign.sampling.gaussian import StepOutput, deterministic, gaussian_step
 
 
 def _coefficients(x: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor):
-    s = broadcast(sigma, x).double()
-    s_next = broadcast(sigma_next, x).double()
+    s = per_sample(sigma, x).double()
+    s_next = per_sample(sigma_next, x).double()
     return s, s_next
 
 

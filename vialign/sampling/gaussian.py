@@ -13,24 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
+from pipelines.prediction import per_sample
+
 LOG_2PI = math.log(2 * math.pi)
-
-
-def broadcast(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``value`` as float32 on ``like``'s device, broadcastable over ``like`` = [B, ...].
-
-    Scalars and 0-d tensors stay 0-d; a per-sample [B] tensor becomes [B, 1, ..., 1].
-    """
-    value = torch.as_tensor(value, device=like.device).to(torch.float32)
-    if value.ndim == 1:
-        value = value.reshape(-1, *([1] * (like.ndim - 1)))
-    return value
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
     """Exact log N(x; mean, std^2 I), summed over every dimension but the batch: Tensor[B] (float32)."""
     x, mean = x.float(), mean.float()
-    std = broadcast(std, x)
+    std = per_sample(std, x)
     dims = x[0].numel()
     squared = ((x - mean) ** 2 / (2 * std**2)).flatten(1).sum(1)
     log_std = torch.log(std).reshape(-1) if std.ndim else torch.log(std)

@@ -168,6 +168,7 @@ def rollout(
     checkpoint: bool = True,
     model_batch_size: int | None = None,
     offload: bool = False,
+    stop: int | None = None,
     progress: bool = False,
 ) -> Trajectory:
     """Sample a batch from ``latents`` (x_0) along ``schedule`` and record the trajectory.
@@ -183,14 +184,19 @@ def rollout(
             them (memory ~ one step instead of ``grad_steps`` steps; gradients are identical).
         model_batch_size: fixed denoiser batch for bitwise batch-invariant log-probs (module docstring).
         offload: keep the tensors the backward pass needs in CPU memory (``torch.autograd.graph.save_on_cpu``).
+        stop: run steps 0 .. stop-1 only (ReFL stops part-way); ``final`` is then x_stop and ``latents``
+            holds x_0 .. x_stop. Default: every step.
         progress: show a progress bar over steps.
     """
     batch, num_steps = latents.shape[0], schedule.num_steps
     sampler.check(schedule)
+    stop = num_steps if stop is None else stop
     if len(cond) != batch:
         raise VialignInputError(f"{len(cond)} prompt embeddings for {batch} initial latents")
-    if not 0 <= grad_steps <= num_steps:
-        raise VialignInputError(f"grad_steps must be between 0 and the {num_steps} steps, got {grad_steps}")
+    if not 0 <= stop <= num_steps:
+        raise VialignInputError(f"stop must be between 0 and the {num_steps} steps, got {stop}")
+    if not 0 <= grad_steps <= stop:
+        raise VialignInputError(f"grad_steps must be between 0 and the {stop} steps run, got {grad_steps}")
     if guidance.uses_uncond and uncond is None:
         raise VialignInputError(
             f"guidance with cfg_scale={guidance.cfg_scale} needs unconditional embeddings"
@@ -198,7 +204,7 @@ def rollout(
     stochastic = sampler.stochastic_steps(num_steps)
     x = latents.float()
     states, log_probs = [x.detach()], torch.zeros(batch, num_steps, device=x.device)
-    for k in tqdm(range(num_steps), disable=not progress, desc="sampling", leave=False):
+    for k in tqdm(range(stop), disable=not progress, desc="sampling", leave=False):
         noise = draw_noise(generator, x.shape, x.device) if stochastic[k] else None
 
         def step(
@@ -220,7 +226,7 @@ def rollout(
             log_prob = out.log_prob if out.log_prob is not None else torch.zeros(batch, device=x_in.device)
             return out.x_next, log_prob
 
-        if k >= num_steps - grad_steps:
+        if k >= stop - grad_steps:
             saved = torch.autograd.graph.save_on_cpu() if offload else contextlib.nullcontext()
             with torch.enable_grad(), saved:
                 if checkpoint:
@@ -278,6 +284,36 @@ def rollout_prompts(
     )
 
 
+def replay_step(
+    adapter: GeneratorAdapter,
+    trajectory: Trajectory,
+    k: int,
+    *,
+    model_batch_size: int | None = None,
+    guidance: Guidance | None = None,
+) -> StepOutput:
+    """Step ``k`` of stored transitions re-evaluated under the current weights: the step's mean, std and
+    log p_theta(x_{k+1} | x_k) of the stored x_{k+1}. Gradients flow when grad mode is on. ``guidance``
+    overrides the rollout's (e.g. training without CFG). Pass the rollout's ``model_batch_size`` for
+    bitwise-equal log-probs."""
+    if not bool(trajectory.stochastic[k]):
+        raise VialignInputError(f"step {k} was deterministic (ODE) in this trajectory: no log-prob")
+    guidance = trajectory.guidance if guidance is None else guidance
+    return evaluate_step(
+        adapter,
+        trajectory.schedule,
+        trajectory.sampler,
+        k,
+        trajectory.latents[:, k],
+        trajectory.cond,
+        guidance=guidance,
+        uncond=trajectory.uncond if guidance.uses_uncond else None,
+        stochastic=True,
+        prev=trajectory.latents[:, k + 1],
+        model_batch_size=model_batch_size,
+    )
+
+
 def trajectory_log_probs(
     adapter: GeneratorAdapter,
     trajectory: Trajectory,
@@ -289,9 +325,8 @@ def trajectory_log_probs(
 ) -> torch.Tensor:
     """log p_theta(x_{k+1} | x_k) of the stored transitions under the current weights: [B, len(steps)].
 
-    ``steps`` defaults to every stochastic step. Gradients flow when grad mode is on. ``per_dim``
-    divides by the number of latent dimensions. ``guidance`` overrides the rollout's (e.g. training
-    without CFG). Pass the rollout's ``model_batch_size`` for bitwise-equal log-probs.
+    ``steps`` defaults to every stochastic step; ``per_dim`` divides by the number of latent
+    dimensions; the other arguments are :func:`replay_step`'s.
     """
     stochastic_steps = [int(k) for k in torch.nonzero(trajectory.stochastic).flatten()]
     steps = stochastic_steps if steps is None else [int(k) for k in steps]
@@ -300,22 +335,8 @@ def trajectory_log_probs(
         raise VialignInputError(
             f"steps {deterministic_steps} were deterministic (ODE) in this trajectory: no log-prob"
         )
-    guidance = trajectory.guidance if guidance is None else guidance
-    uncond = trajectory.uncond if guidance.uses_uncond else None
     columns = []
     for k in steps:
-        out = evaluate_step(
-            adapter,
-            trajectory.schedule,
-            trajectory.sampler,
-            k,
-            trajectory.latents[:, k],
-            trajectory.cond,
-            guidance=guidance,
-            uncond=uncond,
-            stochastic=True,
-            prev=trajectory.latents[:, k + 1],
-            model_batch_size=model_batch_size,
-        )
+        out = replay_step(adapter, trajectory, k, model_batch_size=model_batch_size, guidance=guidance)
         columns.append(out.log_prob_per_dim if per_dim else out.log_prob)
     return torch.stack(columns, dim=1)

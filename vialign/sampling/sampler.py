@@ -27,6 +27,18 @@ SDE_KINDS: dict[str, tuple[str, float, str]] = {
 }
 
 
+def sde_window_problem(window: tuple[int, int]) -> str | None:
+    """What is wrong with an SDE window, or None: it is [start, stop) with 0 <= start < stop (the one
+    rule, for configs and samplers)."""
+    start, stop = window
+    return None if 0 <= start < stop else "must be [start, stop) with 0 <= start < stop"
+
+
+def default_sde(model_kind: str) -> str:
+    """The SDE of a model kind when none is named: DDIM-eta for diffusion models, Flow-SDE for flow models."""
+    return "ddim" if model_kind == "diffusion" else "flow-sde"
+
+
 @dataclass(frozen=True)
 class Sampler:
     """How the steps of a schedule move.
@@ -46,11 +58,9 @@ class Sampler:
         if self.noise_level is not None and self.noise_level < 0:
             raise VialignInputError(f"noise_level must be >= 0, got {self.noise_level}")
         if self.sde_window is not None:
-            start, stop = self.sde_window
-            if not 0 <= start < stop:
-                raise VialignInputError(
-                    f"sde_window must be [start, stop) with 0 <= start < stop, got {self.sde_window}"
-                )
+            problem = sde_window_problem(self.sde_window)
+            if problem:
+                raise VialignInputError(f"sde_window {problem}, got {list(self.sde_window)}")
 
     @property
     def level(self) -> float:
@@ -81,6 +91,16 @@ class Sampler:
             start, stop = self.sde_window if self.sde_window is not None else (0, num_steps)
             mask[start:stop] = True
         return mask
+
+
+def sde_sampler(
+    model_kind: str,
+    sde: str | None = None,
+    noise_level: float | None = None,
+    sde_window: tuple[int, int] | None = None,
+) -> Sampler:
+    """A stochastic sampler; ``sde=None`` takes the model kind's default (:func:`default_sde`)."""
+    return Sampler(sde=sde or default_sde(model_kind), noise_level=noise_level, sde_window=sde_window)
 
 
 def sampler_step(

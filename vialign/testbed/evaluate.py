@@ -1,8 +1,9 @@
 """Measuring a generator on ShapeWorld: oracle accuracy (overall and per attribute), reward means,
-best-of-N selection and a diversity measure. Used by the training script, ``vialign eval`` and tests."""
+best-of-N selection and two diversity measures (CLIP embeddings, pixels). Used by the training script, ``vialign eval`` and tests."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -81,9 +82,18 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float(greater + 0.5 * ties)
 
 
-def diversity(embeddings: torch.Tensor, group: int) -> float:
+def embedding_diversity(embeddings: torch.Tensor, group: int) -> float:
     """Mean pairwise cosine distance of L2-normalised embeddings within each group of ``group`` samples."""
     e = torch.nn.functional.normalize(embeddings.float(), dim=-1).view(-1, group, embeddings.shape[-1])
     similarity = e @ e.transpose(1, 2)
     off_diagonal = ~torch.eye(group, dtype=torch.bool)
     return float((1 - similarity[:, off_diagonal]).mean())
+
+
+def pixel_diversity(pixels: torch.Tensor, group: int) -> float:
+    """Mean pairwise RMS pixel distance between the images of one prompt (consecutive groups of
+    ``group``), averaged over prompts: 0 when every seed gives the same image."""
+    flat = pixels.flatten(1).float().view(-1, group, pixels[0].numel())
+    distances = torch.cdist(flat, flat) / math.sqrt(pixels[0].numel())
+    pairs = group * (group - 1)
+    return float(distances.sum((1, 2)).div(pairs).mean())

@@ -1,0 +1,256 @@
+"""Reward gradients through the sampler: DRaFT-K, DRaFT-LV, DRaFT+ (Clark et al. 2023) and AlignProp
+(Prabhudesai et al. 2023), docs/algorithms.md, "DRaFT and AlignProp".
+
+With a differentiable reward r, the sampler x_0 (noise) -> x_N (latent) and the decoder D, each method
+minimises ``L = loss_scale * mean_i l(r(D(x_N^i)))`` (``l`` a transform of ``rewards.losses``: -r, a
+hinge or a target; ``vialign.losses.reward_loss``) with gradients through part of the chain:
+
+* **DRaFT-K**: gradients through the last K steps (``grad_steps``); earlier steps run without grad.
+* **DRaFT-LV**: K = 1, variance-reduced: the last step is re-run from ``n`` re-noised copies
+  ``x'_{N-1} = alpha_{N-1} x_N + sigma_{N-1} eps_j`` (``vialign.losses.renoise``), the loss averaged over them.
+* **DRaFT+**: adds ``kl_coeff * mean_k mean_i |f_theta(x_k) - f_ref(x_k)|^2`` over the window's steps
+  (``vialign.losses.output_kl``), f the denoiser output and f_ref the reference's (LoRA off, or the frozen copy).
+* **AlignProp**: DRaFT-K with K drawn per training step, K ~ N(k_mean, k_std) rounded and clamped to
+  [1, N] (randomised truncation).
+
+Every denoiser call in the window (the DRaFT+ term's too) and the VAE decode are checkpointed
+(``checkpoint``): memory stays ~ one step whatever K. ReFL (``refl.py``) shares the settings and helpers here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.utils.checkpoint
+from pydantic import Field
+
+from rewards.losses import LossTransform
+from vialign.algorithms.base import Algorithm, TrainingContext, register
+from vialign.data import prompts_for_step
+from vialign.errors import VialignInputError
+from vialign.losses import output_kl, renoise, reward_loss
+from vialign.sampling import Sampler, Trajectory, evaluate_step, rollout_prompts, sde_sampler
+from vialign.schema import StrictModel
+
+
+class RewardGradientSettings(StrictModel):
+    """Settings every reward-gradient method has (DRaFT, AlignProp, ReFL)."""
+
+    prompts_per_step: int = Field(8, ge=1, le=4096, description="prompts (one sample each) per training step")
+    micro_batch_size: int = Field(4, ge=1, le=4096, description="samples per backward pass (memory)")
+    loss: Literal["negate", "hinge", "target"] = Field("negate", description="reward -> loss transform")
+    margin: float | None = Field(None, description="hinge: relu(margin - r)")
+    target: float | None = Field(None, description="target: |r - target|")
+    loss_scale: float = Field(1.0, gt=0, description="multiplies the reward loss (ReFL uses 1e-3)")
+    eta: float = Field(
+        0.0, ge=0, le=10, description="noise of the sampler: DDIM eta / Flow-SDE a (0: the ODE)"
+    )
+    checkpoint: bool = Field(True, description="recompute each window step's activations in backward")
+
+
+class DraftSettings(RewardGradientSettings):
+    """The ``draft:`` section."""
+
+    grad_steps: int = Field(1, ge=1, description="DRaFT-K: gradients through the last K steps")
+    lv_samples: int = Field(
+        0, ge=0, le=64, description="DRaFT-LV: re-noise the last step this many times (0: off)"
+    )
+    kl_coeff: float = Field(0.0, ge=0, description="DRaFT+: coeff of |f_theta - f_ref|^2 over the window")
+    offload: bool = Field(False, description="keep saved activations on the CPU (torch save_on_cpu)")
+
+
+class AlignPropSettings(RewardGradientSettings):
+    """The ``alignprop:`` section."""
+
+    k_mean: float = Field(1.0, gt=0, description="K ~ N(k_mean, k_std^2) per training step")
+    k_std: float = Field(0.0, ge=0, description="std of K (0: DRaFT-K with K = k_mean)")
+    kl_coeff: float = Field(
+        0.0, ge=0, description="DRaFT+'s term: coeff of |f_theta - f_ref|^2 over the window"
+    )
+    offload: bool = Field(False, description="keep saved activations on the CPU (torch save_on_cpu)")
+
+
+def gradient_sampler(context: TrainingContext, eta: float) -> Sampler:
+    """The sampler of reward-gradient rollouts: the ODE, or the model kind's SDE with noise ``eta``."""
+    return sde_sampler(context.adapter.kind, noise_level=eta) if eta > 0 else Sampler()
+
+
+def score_with_gradient(context: TrainingContext, pixels: torch.Tensor, prompts: Sequence[str], step: int):
+    """The training reward of ``pixels`` (differentiable); a NaN or infinite score is an error, since a
+    gradient method cannot skip one sample of a backward pass."""
+    score = context.reward(pixels, list(prompts)).score
+    if not torch.isfinite(score).all():
+        raise VialignInputError(
+            f"step {step}: the reward returned NaN or infinite scores; a gradient method cannot skip "
+            "them (check the reward's inputs, or lower optim.lr)"
+        )
+    return score
+
+
+def reward_gradient_metrics(context: TrainingContext, scores: list, losses: list) -> dict[str, float]:
+    score = context.gather(torch.cat(scores).float())
+    return {
+        "reward/mean": float(score.mean()),
+        "reward/std": float(score.std(unbiased=False)) if score.numel() > 1 else 0.0,
+        "loss": float(context.reduce(torch.stack(losses).sum())),
+    }
+
+
+def sample_k(mean: float, std: float, num_steps: int, generator: torch.Generator) -> int:
+    """AlignProp's randomised truncation: K ~ N(mean, std), rounded, clamped to [1, num_steps]."""
+    k = round(mean + std * float(torch.randn((), generator=generator)))
+    return int(min(num_steps, max(1, k)))
+
+
+@register
+class DRaFT(Algorithm):
+    """DRaFT-K / DRaFT-LV / DRaFT+; see the module docstring."""
+
+    name = "draft"
+    Settings = DraftSettings
+    reward = "differentiable"
+
+    @classmethod
+    def needs_reference(cls, settings) -> bool:
+        return settings.kl_coeff > 0
+
+    @classmethod
+    def check_settings(cls, settings, num_steps: int | None) -> None:
+        key, k = cls.window_size(settings)
+        if num_steps is not None and k > num_steps:
+            raise VialignInputError(
+                f"{cls.name}.{key} = {k} exceeds the {num_steps} sampling steps (sampler.num_steps)"
+            )
+
+    @classmethod
+    def window_size(cls, settings) -> tuple[str, float]:
+        """(key, value) of the setting that bounds the gradient window."""
+        return "grad_steps", settings.grad_steps
+
+    def __init__(self, settings, context: TrainingContext):
+        super().__init__(settings, context)
+        self.check_settings(settings, context.num_steps)
+        self.schedule = context.schedule()
+        self.sampler = gradient_sampler(context, settings.eta)
+        self.transform = LossTransform(settings.loss, settings.margin, settings.target)
+
+    def grad_steps(self, step: int) -> int:
+        """K of training step ``step``."""
+        return self.settings.grad_steps
+
+    def lv_samples(self) -> int:
+        return self.settings.lv_samples
+
+    def step(self, step: int) -> dict[str, float]:
+        context, settings, adapter = self.context, self.settings, self.context.adapter
+        prompts = prompts_for_step(context.prompts, step, settings.prompts_per_step, context.seed)
+        lo, hi = context.local_range(len(prompts))
+        k, lv = self.grad_steps(step), self.lv_samples()
+        repeats = max(1, lv)
+        started = time.perf_counter()
+        scores, losses, kls = [], [], []
+        with torch.no_grad():
+            adapter.encode_prompt(prompts)  # the same text-encoder batches on every process
+        with context.train_mode():
+            for start in range(lo, hi, settings.micro_batch_size):
+                end = min(start + settings.micro_batch_size, hi)
+                batch_prompts = prompts[start:end]
+                trajectory = rollout_prompts(
+                    adapter,
+                    batch_prompts,
+                    [context.sample_seed(step, g) for g in range(start, end)],
+                    self.schedule,
+                    height=context.height,
+                    width=context.width,
+                    guidance=context.guidance,
+                    sampler=self.sampler,
+                    checkpoint=settings.checkpoint,
+                    offload=settings.offload,
+                    grad_steps=0 if lv else k,  # DRaFT-LV re-runs the last step itself
+                )
+                loss = torch.zeros((), device=adapter.device)
+                for repeat in range(repeats):
+                    final = self.lv_final(trajectory, step, start, repeat) if lv else trajectory.final
+                    pixels = adapter.decode(final, checkpoint=settings.checkpoint)
+                    score = score_with_gradient(context, pixels, batch_prompts, step)
+                    scores.append(score.detach())
+                    loss = loss + reward_loss(
+                        score, self.transform, settings.loss_scale, len(prompts) * repeats
+                    )
+                if settings.kl_coeff:
+                    kl = self.window_kl(trajectory, k)  # [B]
+                    kls.append(kl.detach())
+                    loss = loss + settings.kl_coeff * kl.sum() / len(prompts)
+                context.backward(loss)
+                losses.append(loss.detach())
+            grad_norm = context.optimizer_step(step)
+        metrics = reward_gradient_metrics(context, scores, losses)
+        metrics.update(
+            {"grad_steps": k, "grad_norm": grad_norm, "time/train_s": time.perf_counter() - started}
+        )
+        if kls:
+            metrics["kl"] = float(context.gather(torch.cat(kls)).mean())
+        return metrics
+
+    def lv_final(self, trajectory: Trajectory, step: int, start: int, repeat: int) -> torch.Tensor:
+        """DRaFT-LV: re-noise x_N to the last step's level and re-run that step with grad."""
+        last = self.context.num_steps - 1
+        x_final = trajectory.latents[:, -1].detach()
+        generator = torch.Generator().manual_seed(self.context.sample_seed(step, 2**41 + start * 64 + repeat))
+        noise = torch.randn(x_final.shape, generator=generator).to(x_final.device)
+        noisy = renoise(x_final, noise, self.schedule.alphas[last], self.schedule.sigmas[last])
+        return evaluate_step(
+            self.context.adapter,
+            self.schedule,
+            self.sampler,
+            last,
+            noisy,
+            trajectory.cond,
+            guidance=self.context.guidance,
+            uncond=trajectory.uncond,
+            stochastic=False,
+        ).x_next
+
+    def window_kl(self, trajectory: Trajectory, k: int) -> torch.Tensor:
+        """DRaFT+: per sample, the mean over the window's k steps of ``output_kl`` of the policy's and the
+        reference's outputs at the stored states; each policy call checkpointed."""
+        adapter, n = self.context.adapter, self.context.num_steps
+        total = torch.zeros(len(trajectory), device=adapter.device)
+        for index in range(n - k, n):
+            args = (
+                trajectory.latents[:, index],
+                self.schedule.timesteps[index],
+                trajectory.cond,
+                self.context.guidance,
+                trajectory.uncond,
+            )
+            with torch.no_grad(), self.context.reference():
+                reference = adapter.predict(*args)
+            if self.settings.checkpoint:
+                output = torch.utils.checkpoint.checkpoint(adapter.predict, *args, use_reentrant=False)
+            else:
+                output = adapter.predict(*args)
+            total = total + output_kl(output, reference)
+        return total / k
+
+
+@register
+class AlignProp(DRaFT):
+    """DRaFT-K with K drawn anew each training step (randomised truncation)."""
+
+    name = "alignprop"
+    Settings = AlignPropSettings
+
+    @classmethod
+    def window_size(cls, settings) -> tuple[str, float]:
+        return "k_mean", settings.k_mean
+
+    def grad_steps(self, step: int) -> int:
+        generator = torch.Generator().manual_seed(self.context.seed * 104_729 + step)
+        return sample_k(self.settings.k_mean, self.settings.k_std, self.context.num_steps, generator)
+
+    def lv_samples(self) -> int:
+        return 0

@@ -1,58 +1,123 @@
 """Helper of tests/test_trainer.py::test_two_processes_equal_one (run directly, or by accelerate launch):
-two GRPO steps on a tiny SD3 with a global batch of 8; the main process writes the trained weights and
-every step's global advantages to OUT/result.safetensors."""
+two training steps of each algorithm named on the command line, on a tiny SD3 with a global batch of 8
+(GRPO) or 4 (the others); the main process writes the trained weights (and GRPO's global advantages) to
+OUT/<algorithm>/result.safetensors.
+
+    python tests/train_two_steps.py MODEL_DIR PROMPTS.txt OUT grpo draft refl adjoint_matching
+"""
 
 import json
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from vialign.config import TrainConfig, load_config
 from vialign.trainer import Trainer
 
-model, prompt_file, out = sys.argv[1:4]
-config = load_config(
-    TrainConfig,
-    None,
-    [
-        f"model.path={model}",
-        f"output_dir={out}",
-        f"data.train={prompt_file}",
-        "data.eval=null",
-        "rewards={brightness: {}}",
-        "finetune.lora_rank=4",
-        "optim.lr=1e-3",
-        "sampler.num_steps=3",
-        "sampler.height=32",
-        "sampler.width=32",
+COMMON = [
+    "data.eval=null",
+    "rewards={brightness: {}}",
+    "finetune.lora_rank=4",
+    "optim.lr=1e-3",
+    "sampler.num_steps=3",
+    "sampler.height=32",
+    "sampler.width=32",
+    "train.max_steps=2",
+    "train.eval_every=0",
+    "train.checkpoint_every=0",
+    "train.tensorboard=false",
+    "finetune.ema_decay=0.5",
+]
+
+SETTINGS = {
+    "grpo": [
         "grpo.group_size=4",
         "grpo.prompts_per_step=2",
         "grpo.micro_batch_size=2",
         "grpo.clip_range=0.2",
         "grpo.kl_beta=0.5",
-        "train.max_steps=2",
-        "train.eval_every=0",
-        "train.checkpoint_every=0",
-        "train.tensorboard=false",
-        "finetune.ema_decay=0.5",
     ],
-)
-trainer = Trainer(config, progress=False)
-if trainer.is_main:
-    initial = {
-        f"weights.{n}": p.detach().clone() for n, p in zip(trainer._trainable_names(), trainer.trainable)
-    }
-    save_file(initial, str(Path(out) / "initial.safetensors"))
-advantages = {}
-for step in (1, 2):
-    trainer.algorithm.step(step)
-    advantages[f"advantages.{step}"] = trainer.algorithm.last_advantages.clone()
-    advantages[f"scores.{step}"] = trainer.algorithm.last_scores.clone()
-if trainer.is_main:
-    weights = {
-        f"weights.{n}": p.detach().clone() for n, p in zip(trainer._trainable_names(), trainer.trainable)
-    }
-    save_file({**weights, **advantages}, str(Path(out) / "result.safetensors"))
-    (Path(out) / "world.json").write_text(json.dumps({"world_size": trainer.world_size}))
-trainer.accelerator.wait_for_everyone()
+    # DRaFT+ (the reference model), two micro-batches on one process, one on each of two
+    "draft": [
+        "draft.prompts_per_step=4",
+        "draft.micro_batch_size=2",
+        "draft.grad_steps=2",
+        "draft.kl_coeff=0.5",
+    ],
+    "refl": [
+        "refl.prompts_per_step=4",
+        "refl.micro_batch_size=2",
+        "refl.steps=[1, 2]",
+        "refl.regularizer_weight=0.5",
+    ],
+    # loss clipping at the 0.5-quantile: one threshold from the global batch on every process
+    "adjoint_matching": [
+        "adjoint_matching.prompts_per_step=4",
+        "adjoint_matching.micro_batch_size=2",
+        "adjoint_matching.trained_timesteps=3",
+        "adjoint_matching.clip_quantile=0.5",
+        "adjoint_matching.reward_multiplier=1000",
+    ],
+}
+
+
+def regularizer_images(folder: Path) -> str:
+    """Four 32x32 captioned images for ReFL's denoising regulariser."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(4):
+        pixels = torch.linspace(0, 255, 32 * 32 * 3).roll(i * 500).view(32, 32, 3).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file": f"{i}.png", "prompt": f"image {i}"}))
+    (folder / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    return str(folder / "pairs.jsonl")
+
+
+def main() -> None:
+    model, prompt_file, out = sys.argv[1:4]
+    for algorithm in sys.argv[4:]:
+        folder = Path(out) / algorithm
+        extra = (
+            [f"refl.regularizer_data={Path(out).parent / 'images' / 'pairs.jsonl'}"]
+            if algorithm == "refl"
+            else []
+        )
+        config = load_config(
+            TrainConfig,
+            None,
+            [
+                f"algorithm={algorithm}",
+                f"model.path={model}",
+                f"output_dir={folder}",
+                f"data.train={prompt_file}",
+                *COMMON,
+                *SETTINGS[algorithm],
+                *extra,
+            ],
+        )
+        trainer = Trainer(config, progress=False)
+        names = trainer._trainable_names()
+        if trainer.is_main:
+            initial = {f"weights.{n}": p.detach().clone() for n, p in zip(names, trainer.trainable)}
+            save_file(initial, str(folder / "initial.safetensors"))
+        extra_tensors = {}
+        for step in (1, 2):
+            trainer.algorithm.step(step)
+            if algorithm == "grpo":
+                extra_tensors[f"advantages.{step}"] = trainer.algorithm.last_advantages.clone()
+                extra_tensors[f"scores.{step}"] = trainer.algorithm.last_scores.clone()
+        if trainer.is_main:
+            weights = {f"weights.{n}": p.detach().clone() for n, p in zip(names, trainer.trainable)}
+            ema = {f"ema.{n}": e.clone() for n, e in zip(names, trainer.ema)}
+            save_file({**weights, **ema, **extra_tensors}, str(folder / "result.safetensors"))
+            state = {"world_size": trainer.world_size, "algorithm": trainer.algorithm.state_dict()}
+            (folder / "state.json").write_text(json.dumps(state))
+        trainer.accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

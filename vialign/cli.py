@@ -175,8 +175,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(TrainConfig, args.config, args.overrides)
     _quiet_libraries()
     metrics = run_train(config, resume=args.resume)
-    evaluated = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval/")}
-    print(f"final step: reward {metrics.get('reward/mean', float('nan')):.4f}; {evaluated}")
+    shown = {k: round(v, 4) for k, v in metrics.items() if k in ("reward/mean", "loss") or k.startswith("eval/")}
+    print(f"final step: {shown}")
     print(f"wrote {Path(config.output_dir) / 'final'} and {Path(config.output_dir) / 'metrics.jsonl'}")
     return 0
 

@@ -2,7 +2,7 @@
 
     log N(x'; mu, s^2 I) = -|x' - mu|^2 / (2 s^2) - D log s - (D / 2) log(2 pi)
 
-summed over the D latent dimensions of each sample (DESIGN.md section 3). Published GRPO code averages
+summed over the D latent dimensions of each sample (docs/algorithms.md, "Notation"). Published GRPO code averages
 over dimensions instead (hence its ~1e-4 clip ranges); ``StepOutput.log_prob_per_dim`` gives that.
 """
 

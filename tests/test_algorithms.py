@@ -40,7 +40,7 @@ class ShrinkOutput(Algorithm):
         x = torch.randn(
             self.settings.batch, *adapter.latent_shape(context.height, context.width), generator=generator
         )
-        schedule = context.schedule()
+        schedule = context.schedule
         with torch.no_grad():
             cond = adapter.encode_prompt(context.prompts[: self.settings.batch])
         with context.train_mode():

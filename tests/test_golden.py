@@ -42,7 +42,10 @@ def test_first_two_steps_equal_the_recorded_ones(name, tmp_path, quiet_libraries
         kept = {k for k in expected if k not in CHANGED}
         assert kept <= set(row), sorted(kept - set(row))
         for key in sorted(kept - {"step"}):
-            assert row[key] == pytest.approx(expected[key], abs=1e-6, rel=1e-6, nan_ok=True), (row["step"], key)
+            assert row[key] == pytest.approx(expected[key], abs=1e-6, rel=1e-6, nan_ok=True), (
+                row["step"],
+                key,
+            )
     expected_weights = load_file(GOLDEN / f"{name}.safetensors")
     assert weights.keys() == expected_weights.keys()
     for key, value in expected_weights.items():

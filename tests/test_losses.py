@@ -197,7 +197,7 @@ def _rollout(context, step: int):
             context.adapter,
             _step_prompts(context),
             [context.sample_seed(step, g) for g in range(len(PROMPTS))],
-            context.schedule(),
+            context.schedule,
             height=SIZE,
             width=SIZE,
             guidance=context.guidance,
@@ -208,7 +208,7 @@ def test_draft_lv_gradient_is_the_mean_over_renoised_last_steps(quiet_libraries)
     context, params, recorded = _context()
     settings = DraftSettings(prompts_per_step=2, micro_batch_size=2, lv_samples=3, loss_scale=2.0)
     DRaFT(settings, context).step(1)
-    adapter, schedule, last = context.adapter, context.schedule(), STEPS - 1
+    adapter, schedule, last = context.adapter, context.schedule, STEPS - 1
     final = _rollout(context, 1).latents[:, -1]
     loss = 0.0
     for repeat in range(
@@ -228,7 +228,7 @@ def test_draft_plus_gradient_adds_the_window_kl(quiet_libraries):
     context, params, recorded = _context()
     settings = DraftSettings(prompts_per_step=2, micro_batch_size=2, grad_steps=2, kl_coeff=0.7)
     DRaFT(settings, context).step(1)
-    adapter, schedule = context.adapter, context.schedule()
+    adapter, schedule = context.adapter, context.schedule
     states, cond = _rollout(context, 1).latents, adapter.encode_prompt(_step_prompts(context))
     x = states[:, STEPS - 2]
     kl = torch.zeros(2)
@@ -252,7 +252,7 @@ def test_refl_gradient_is_the_one_step_x0_loss(kind, quiet_libraries):
     context, params, recorded = _context(kind)
     settings = ReFLSettings(prompts_per_step=2, micro_batch_size=2, steps=(1, 1), loss_scale=1e-3)
     ReFL(settings, context).step(1)
-    adapter, schedule, s = context.adapter, context.schedule(), 1
+    adapter, schedule, s = context.adapter, context.schedule, 1
     x = _rollout(context, 1).latents[:, s]  # the ODE down to step s, no grad
     output = adapter.predict(x, schedule.timesteps[s], adapter.encode_prompt(_step_prompts(context)))
     alpha, sigma = schedule.alphas[s], schedule.sigmas[s]

@@ -147,7 +147,9 @@ def test_each_method_makes_the_testbed_brighter(tmp_path, algorithm, extra, quie
 
 
 def test_gradient_methods_reject_bad_input(tmp_path, quiet_libraries):
-    with pytest.raises(ConfigError, match=r"draft.grad_steps = 7 exceeds the 6 sampling steps \(sampler.num_steps\)"):
+    with pytest.raises(
+        ConfigError, match=r"draft.grad_steps = 7 exceeds the 6 sampling steps \(sampler.num_steps\)"
+    ):
         _config(tmp_path, "draft", "draft.grad_steps=7")
     with pytest.raises(ConfigError, match=r"alignprop.k_mean = 7.0 exceeds the 6 sampling steps"):
         _config(tmp_path, "alignprop", "alignprop.k_mean=7")

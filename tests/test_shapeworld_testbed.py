@@ -118,7 +118,11 @@ def test_eval_command(tmp_path, capsys, quiet_libraries):
     )
     assert result["oracle_accuracy"] == pytest.approx(evaluate.oracle_report(samples).accuracy, abs=1e-9)
     assert set(result["per_attribute"]) == set(sw.ATTRIBUTES) and result["num_samples"] == 72
-    assert 0 < result["clip_diversity"] < 2 and 0 < result["pixel_diversity"] < 1 and "shapeworld-clip" in result["rewards"]
+    assert (
+        0 < result["clip_diversity"] < 2
+        and 0 < result["pixel_diversity"] < 1
+        and "shapeworld-clip" in result["rewards"]
+    )
     assert Image.open(out / "grid.png").size[0] > 0
     assert "oracle accuracy" in capsys.readouterr().out
 

@@ -175,7 +175,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(TrainConfig, args.config, args.overrides)
     _quiet_libraries()
     metrics = run_train(config, resume=args.resume)
-    shown = {k: round(v, 4) for k, v in metrics.items() if k in ("reward/mean", "loss") or k.startswith("eval/")}
+    shown = {
+        k: round(v, 4) for k, v in metrics.items() if k in ("reward/mean", "loss") or k.startswith("eval/")
+    }
     print(f"final step: {shown}")
     print(f"wrote {Path(config.output_dir) / 'final'} and {Path(config.output_dir) / 'metrics.jsonl'}")
     return 0

@@ -36,10 +36,9 @@ import torch.utils.checkpoint
 from pydantic import Field
 
 from vialign.algorithms.base import Algorithm, TrainingContext, register
-from vialign.data import prompts_for_step
 from vialign.errors import VialignInputError
 from vialign.losses import adjoint_regression, quantile_threshold
-from vialign.sampling import Sampler, evaluate_step, rollout_prompts
+from vialign.sampling import Sampler, evaluate_step
 from vialign.schema import StrictModel
 
 
@@ -152,7 +151,7 @@ class AdjointMatching(Algorithm):
 
     def __init__(self, settings: AdjointMatchingSettings, context: TrainingContext):
         super().__init__(settings, context)
-        self.schedule = context.schedule()
+        self.schedule = context.schedule
         self.sampler = memoryless_sampler(context.adapter.kind)
         self.loss_guidance = (
             context.guidance if settings.cfg_in_loss else replace(context.guidance, cfg_scale=1.0)
@@ -175,25 +174,13 @@ class AdjointMatching(Algorithm):
 
     def step(self, step: int) -> dict[str, float]:
         context, settings, adapter = self.context, self.settings, self.context.adapter
-        prompts = prompts_for_step(context.prompts, step, settings.prompts_per_step, context.seed)
-        lo, hi = context.local_range(len(prompts))
+        prompts, lo, hi = context.step_prompts(step, settings.prompts_per_step)
         started = time.perf_counter()
-        with torch.no_grad():
-            adapter.encode_prompt(prompts)
         parts, scores = [], []
         for start in range(lo, hi, settings.micro_batch_size):  # 1-3: rollouts and adjoints, no weight grads
             end = min(start + settings.micro_batch_size, hi)
             with torch.no_grad():
-                trajectory = rollout_prompts(
-                    adapter,
-                    prompts[start:end],
-                    [context.sample_seed(step, g) for g in range(start, end)],
-                    self.schedule,
-                    height=context.height,
-                    width=context.width,
-                    guidance=context.guidance,
-                    sampler=self.sampler,
-                )
+                trajectory = context.rollout(prompts[start:end], step, start, self.sampler)
             terminal, score = self.terminal_adjoint(trajectory.final, prompts[start:end])
             if not torch.isfinite(score).all():
                 raise VialignInputError(f"step {step}: the reward returned NaN or infinite scores")

@@ -22,7 +22,8 @@ the reward, the prompts, seeding, the processes (batch shares, gather, reduce), 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -30,8 +31,10 @@ import torch
 
 from pipelines.adapter import GeneratorAdapter, Guidance
 from pipelines.schedules import Schedule
+from vialign.data import prompts_for_step
 from vialign.distributed import Processes
 from vialign.errors import VialignInputError
+from vialign.sampling import Sampler, Trajectory, rollout_prompts
 from vialign.schema import StrictModel
 
 RewardNeed = Literal["none", "any", "differentiable"]
@@ -71,9 +74,40 @@ class TrainingContext:
     def world_size(self) -> int:
         return self.processes.world_size
 
+    @functools.cached_property
     def schedule(self) -> Schedule:
         """The denoising schedule of training rollouts."""
         return self.adapter.schedule(self.num_steps, self.height, self.width)
+
+    def step_prompts(self, step: int, count: int, repeat: int = 1) -> tuple[list[str], int, int]:
+        """The ``count`` prompts of training ``step`` (the same on every process), each repeated ``repeat``
+        times (a GRPO group), and this process's share [lo, hi) of that global batch. The prompts are
+        encoded here in one batch on every process: text encoders' outputs move in the last bits with the
+        batch, and a sample's embedding must not depend on its process."""
+        prompts = prompts_for_step(self.prompts, step, count, self.seed)
+        with torch.no_grad():
+            self.adapter.encode_prompt(prompts)
+        batch = [p for p in prompts for _ in range(repeat)]
+        lo, hi = self.local_range(len(batch))
+        return batch, lo, hi
+
+    def rollout(
+        self, prompts: Sequence[str], step: int, start: int, sampler: Sampler, **options: Any
+    ) -> Trajectory:
+        """Sample global indices ``start .. start + len(prompts) - 1`` of training ``step`` (each from its
+        own seed, :func:`sample_seed`) along the training schedule; ``options`` are ``rollout``'s."""
+        seeds = [self.sample_seed(step, g) for g in range(start, start + len(prompts))]
+        return rollout_prompts(
+            self.adapter,
+            list(prompts),
+            seeds,
+            self.schedule,
+            height=self.height,
+            width=self.width,
+            guidance=self.guidance,
+            sampler=sampler,
+            **options,
+        )
 
     def sample_seed(self, step: int, index: int) -> int:
         return sample_seed(self.seed, step, index)

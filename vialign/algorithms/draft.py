@@ -29,10 +29,9 @@ from pydantic import Field
 
 from rewards.losses import LossTransform
 from vialign.algorithms.base import Algorithm, TrainingContext, register
-from vialign.data import prompts_for_step
 from vialign.errors import VialignInputError
 from vialign.losses import output_kl, renoise, reward_loss
-from vialign.sampling import Sampler, Trajectory, evaluate_step, rollout_prompts, sde_sampler
+from vialign.sampling import Sampler, Trajectory, evaluate_step, sde_sampler
 from vialign.schema import StrictModel
 
 
@@ -133,7 +132,7 @@ class DRaFT(Algorithm):
     def __init__(self, settings, context: TrainingContext):
         super().__init__(settings, context)
         self.check_settings(settings, context.num_steps)
-        self.schedule = context.schedule()
+        self.schedule = context.schedule
         self.sampler = gradient_sampler(context, settings.eta)
         self.transform = LossTransform(settings.loss, settings.margin, settings.target)
 
@@ -146,27 +145,20 @@ class DRaFT(Algorithm):
 
     def step(self, step: int) -> dict[str, float]:
         context, settings, adapter = self.context, self.settings, self.context.adapter
-        prompts = prompts_for_step(context.prompts, step, settings.prompts_per_step, context.seed)
-        lo, hi = context.local_range(len(prompts))
+        prompts, lo, hi = context.step_prompts(step, settings.prompts_per_step)
         k, lv = self.grad_steps(step), self.lv_samples()
         repeats = max(1, lv)
         started = time.perf_counter()
         scores, losses, kls = [], [], []
-        with torch.no_grad():
-            adapter.encode_prompt(prompts)  # the same text-encoder batches on every process
         with context.train_mode():
             for start in range(lo, hi, settings.micro_batch_size):
                 end = min(start + settings.micro_batch_size, hi)
                 batch_prompts = prompts[start:end]
-                trajectory = rollout_prompts(
-                    adapter,
+                trajectory = context.rollout(
                     batch_prompts,
-                    [context.sample_seed(step, g) for g in range(start, end)],
-                    self.schedule,
-                    height=context.height,
-                    width=context.width,
-                    guidance=context.guidance,
-                    sampler=self.sampler,
+                    step,
+                    start,
+                    self.sampler,
                     checkpoint=settings.checkpoint,
                     offload=settings.offload,
                     grad_steps=0 if lv else k,  # DRaFT-LV re-runs the last step itself

@@ -25,9 +25,8 @@ from pydantic import Field
 
 from vialign.advantages import Advantages, PerPromptStatTracker, group_advantages, per_reward_advantages
 from vialign.algorithms.base import Algorithm, TrainingContext, register
-from vialign.data import prompts_for_step
 from vialign.losses import clipped_surrogate, gaussian_kl
-from vialign.sampling import Sampler, replay_step, rollout_prompts, sde_sampler
+from vialign.sampling import Sampler, replay_step, sde_sampler
 from vialign.schema import StrictModel
 
 logger = logging.getLogger(__name__)
@@ -110,7 +109,7 @@ class GRPO(Algorithm):
     def __init__(self, settings: GRPOSettings, context: TrainingContext):
         super().__init__(settings, context)
         sampling = context.sampling
-        self.schedule = context.schedule()
+        self.schedule = context.schedule
         self.sampler = sde_sampler(
             context.adapter.kind, sampling.sde_kind, sampling.noise_level, sampling.sde_window
         )
@@ -159,28 +158,15 @@ class GRPO(Algorithm):
 
     def step(self, step: int) -> dict[str, float]:
         context, settings, adapter = self.context, self.settings, self.context.adapter
-        prompts = prompts_for_step(context.prompts, step, settings.prompts_per_step, context.seed)
-        global_prompts = [p for p in prompts for _ in range(settings.group_size)]
-        lo, hi = context.local_range(len(global_prompts))
+        global_prompts, lo, hi = context.step_prompts(step, settings.prompts_per_step, settings.group_size)
         local_prompts = global_prompts[lo:hi]
         micro = settings.micro_batch_size
         started = time.perf_counter()
 
         # 1. rollouts (no gradient), decoded and scored
         with torch.no_grad():
-            # every process encodes the step's prompts in the same batches (text encoders' outputs move in
-            # the last bits with the batch), so a sample's embedding does not depend on its process
-            adapter.encode_prompt(prompts)
-            trajectory = rollout_prompts(
-                adapter,
-                local_prompts,
-                [context.sample_seed(step, g) for g in range(lo, hi)],
-                self.schedule,
-                height=context.height,
-                width=context.width,
-                guidance=context.guidance,
-                sampler=self.sampler_at(step),
-                model_batch_size=micro,
+            trajectory = context.rollout(
+                local_prompts, step, lo, self.sampler_at(step), model_batch_size=micro
             )
             pixels = torch.cat(
                 [adapter.decode(trajectory.final[i : i + micro]) for i in range(0, hi - lo, micro)]

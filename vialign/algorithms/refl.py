@@ -32,11 +32,9 @@ from vialign.algorithms.draft import (
     reward_gradient_metrics,
     score_with_gradient,
 )
-from vialign.data import prompts_for_step
 from vialign.errors import VialignInputError
 from vialign.losses import denoising_loss, reward_loss
 from vialign.media import read_image
-from vialign.sampling import rollout_prompts
 
 
 class ReFLSettings(RewardGradientSettings):
@@ -94,7 +92,7 @@ class ReFL(Algorithm):
     def __init__(self, settings: ReFLSettings, context: TrainingContext):
         super().__init__(settings, context)
         self.check_settings(settings, context.num_steps)
-        self.schedule = context.schedule()
+        self.schedule = context.schedule
         self.sampler = gradient_sampler(context, settings.eta)
         self.transform = LossTransform(settings.loss, settings.margin, settings.target)
         self.steps = step_range(settings, context.num_steps)
@@ -104,30 +102,17 @@ class ReFL(Algorithm):
 
     def step(self, step: int) -> dict[str, float]:
         context, settings, adapter = self.context, self.settings, self.context.adapter
-        prompts = prompts_for_step(context.prompts, step, settings.prompts_per_step, context.seed)
-        lo, hi = context.local_range(len(prompts))
+        prompts, lo, hi = context.step_prompts(step, settings.prompts_per_step)
         generator = torch.Generator().manual_seed(context.seed * 15_485_863 + step)
         s = int(torch.randint(self.steps[0], self.steps[1] + 1, (), generator=generator))
         started = time.perf_counter()
         scores, losses = [], []
-        with torch.no_grad():
-            adapter.encode_prompt(prompts)  # the same text-encoder batches on every process
         with context.train_mode():
             for start in range(lo, hi, settings.micro_batch_size):
                 end = min(start + settings.micro_batch_size, hi)
                 batch_prompts = prompts[start:end]
                 with torch.no_grad():  # x_s, no gradients
-                    trajectory = rollout_prompts(
-                        adapter,
-                        batch_prompts,
-                        [context.sample_seed(step, g) for g in range(start, end)],
-                        self.schedule,
-                        height=context.height,
-                        width=context.width,
-                        guidance=context.guidance,
-                        sampler=self.sampler,
-                        stop=s,
-                    )
+                    trajectory = context.rollout(batch_prompts, step, start, self.sampler, stop=s)
                 x0 = one_step_x0(
                     adapter,
                     self.schedule,

@@ -96,6 +96,24 @@ def test_an_algorithm_that_needs_a_reward_gets_one(toy_registry):
         load_config(TrainConfig, None, ["algorithm=nope"])
 
 
+def test_an_algorithm_on_data_the_trainer_does_not_load_is_refused(tmp_path, tiny_dir, toy_registry):
+    from vialign.errors import VialignInputError
+    from vialign.trainer import Trainer
+
+    class PairwiseShrink(ShrinkOutput):
+        name = "pairwise_shrink"
+        data = "preference_pairs"
+
+    register(PairwiseShrink)
+    config = load_config(
+        TrainConfig, None, ["algorithm=pairwise_shrink", "rewards={}", f"output_dir={tmp_path / 'run'}"]
+    )
+    with pytest.raises(
+        VialignInputError, match="trains on preference_pairs, which this trainer does not load"
+    ):
+        Trainer(config, progress=False)
+
+
 def test_register_rejects_malformed_algorithms(toy_registry):
     class NoSettings(Algorithm):
         name = "no_settings"

@@ -86,7 +86,3 @@ class Processes:
         for grad in grads:
             grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
             offset += grad.numel()
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()

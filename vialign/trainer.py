@@ -115,6 +115,11 @@ class Trainer:
             self.accelerator.process_index, self.accelerator.num_processes, self.accelerator.device
         )
         self.algorithm_class = get_algorithm(config.algorithm)
+        if self.algorithm_class.data != "prompts":
+            raise VialignInputError(
+                f"algorithm={config.algorithm} trains on {self.algorithm_class.data}, which this trainer "
+                "does not load yet; only prompt data (data.train) is supported"
+            )
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self._check_output_dir(resume)

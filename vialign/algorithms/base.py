@@ -67,10 +67,6 @@ class TrainingContext:
     optimizer_step: Callable[[int], float] = lambda step: 0.0  # clip, step, zero grads, EMA; -> grad norm
 
     @property
-    def device(self) -> torch.device:
-        return self.adapter.device
-
-    @property
     def world_size(self) -> int:
         return self.processes.world_size
 

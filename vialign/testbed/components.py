@@ -127,21 +127,28 @@ def text_encoders(clip_model: Any) -> tuple[Any, Any]:
     return plain.eval(), projected.eval()
 
 
+def latent_scaled_vae(vae_model: Any, scaling_factor: float, shift_factor: float | None) -> Any:
+    """A copy of the testbed VAE whose config carries the latent normalisation the pipelines apply."""
+    from diffusers import AutoencoderKL
+
+    vae_copy = AutoencoderKL.from_config(
+        {**vae_model.config, "scaling_factor": scaling_factor, "shift_factor": shift_factor}
+    )
+    vae_copy.load_state_dict(vae_model.state_dict())
+    return vae_copy.eval()
+
+
 def flow_pipeline(
     vae_model: Any, clip_model: Any, transformer: Any, tok: Any, latent_mean: float, latent_std: float
 ) -> Any:
     """A StableDiffusion3Pipeline (both CLIP slots hold the testbed's text encoder; no T5)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     _, projected = text_encoders(clip_model)
-    vae_copy = AutoencoderKL.from_config(
-        {**vae_model.config, "scaling_factor": 1.0 / latent_std, "shift_factor": latent_mean}
-    )
-    vae_copy.load_state_dict(vae_model.state_dict())
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
-        vae=vae_copy.eval(),
+        vae=latent_scaled_vae(vae_model, 1.0 / latent_std, latent_mean),
         text_encoder=projected,
         tokenizer=tok,
         text_encoder_2=projected,
@@ -153,19 +160,15 @@ def flow_pipeline(
 
 def unet_pipeline(vae_model: Any, clip_model: Any, unet_model: Any, tok: Any, latent_std: float) -> Any:
     """A StableDiffusionPipeline with SD 1.5's DDIM schedule."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from pipelines.tiny import SD_SCHEDULER
 
     plain, _ = text_encoders(clip_model)
-    vae_copy = AutoencoderKL.from_config(
-        {**vae_model.config, "scaling_factor": 1.0 / latent_std, "shift_factor": None}
-    )
-    vae_copy.load_state_dict(vae_model.state_dict())
     return StableDiffusionPipeline(
         unet=unet_model,
         scheduler=DDIMScheduler(**SD_SCHEDULER),
-        vae=vae_copy.eval(),
+        vae=latent_scaled_vae(vae_model, 1.0 / latent_std, None),
         text_encoder=plain,
         tokenizer=tok,
         safety_checker=None,

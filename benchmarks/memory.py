@@ -8,8 +8,10 @@ For each chain length N it runs four fresh processes on the same model, prompts 
 N steps and the VAE decode, every activation stored), ``checkpoint`` (DRaFT with K = N: the same
 gradients, each denoiser step and the decode recomputed in the backward pass) and ``adjoint`` (an
 Adjoint Matching step: memoryless rollout without grad, the reward's gradient through the decoder, the
-lean adjoint by one VJP per step, the regression loss at all N steps). Activation memory = peak -
-baseline. Targets: at N = 50 checkpointed <= 1/4 of plain; for checkpoint and adjoint,
+lean adjoint by one VJP per step, the regression loss at all N steps) and ``draft_plus`` (a DRaFT+ step
+of ``vialign.algorithms.draft`` with K = N: the checkpointed chain plus the KL term over all N steps,
+each policy call checkpointed; LoRA rank 4, the reference = LoRA off). Activation memory = peak -
+baseline. Targets: at N = 50 checkpointed <= 1/4 of plain; for checkpoint, adjoint and draft_plus,
 peak(50) / peak(10) <= 1.3 while the plain chain grows about linearly. Workers run with
 ``MALLOC_MMAP_THRESHOLD_=65536`` so that RSS tracks live tensors rather than allocator fragmentation.
 """
@@ -40,6 +42,32 @@ def worker(args: argparse.Namespace) -> None:
     guidance = adapter.make_guidance(args.guidance)
     prompts = [f"a photo of object {i}" for i in range(args.batch)]
     sampler = Sampler(sde="ddim" if adapter.kind == "diffusion" else "flow-sde")
+    if args.mode == "draft_plus":
+        import rewards
+        from vialign.algorithms import TrainingContext
+        from vialign.algorithms.draft import DRaFT, DraftSettings
+
+        adapter.add_lora(4, 4.0, None)
+        context = TrainingContext(
+            adapter=adapter,
+            reward=rewards.combine({"brightness": 1.0}),
+            reward_weights={"brightness": 1.0},
+            prompts=prompts,
+            seed=0,
+            num_steps=args.n,
+            height=args.size,
+            width=args.size,
+            guidance=guidance,
+            sampling=None,
+            reference=adapter.lora_disabled,
+        )
+        settings = DraftSettings(
+            prompts_per_step=args.batch, micro_batch_size=args.batch, grad_steps=args.n, kl_coeff=0.1
+        )
+        metrics = DRaFT(settings, context).step(1)
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"mode": args.mode, "n": args.n, "peak_mb": peak_mb, "loss": metrics["loss"]}))
+        return
     if args.mode == "adjoint":
         import contextlib
 
@@ -136,7 +164,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--mode", choices=["nograd", "plain", "checkpoint", "adjoint"], help=argparse.SUPPRESS
+        "--mode", choices=["nograd", "plain", "checkpoint", "adjoint", "draft_plus"], help=argparse.SUPPRESS
     )
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -149,25 +177,22 @@ def main() -> None:
     )
     print(
         f"{'N':>4s} {'no-grad MB':>11s} {'plain +MB':>10s} {'checkpointed +MB':>17s} {'ratio':>7s} {'same loss':>10s}"
-        f" {'adjoint +MB':>12s}"
+        f" {'adjoint +MB':>12s} {'DRaFT+ +MB':>11s}"
     )
-    ratios, activation = {}, {"plain": {}, "checkpoint": {}, "adjoint": {}}
+    modes = ("plain", "checkpoint", "adjoint", "draft_plus")
+    ratios, activation = {}, {mode: {} for mode in modes}
     for n in args.steps:
-        base, plain, ckpt, adjoint = (
-            measure(args, mode, n) for mode in ("nograd", "plain", "checkpoint", "adjoint")
-        )
-        plain_act, ckpt_act = plain["peak_mb"] - base["peak_mb"], ckpt["peak_mb"] - base["peak_mb"]
-        adjoint_act = adjoint["peak_mb"] - base["peak_mb"]
-        activation["plain"][n], activation["checkpoint"][n], activation["adjoint"][n] = (
-            plain_act,
-            ckpt_act,
-            adjoint_act,
-        )
+        base = measure(args, "nograd", n)
+        runs = {mode: measure(args, mode, n) for mode in modes}
+        for mode, run in runs.items():
+            activation[mode][n] = run["peak_mb"] - base["peak_mb"]
+        plain, ckpt = runs["plain"], runs["checkpoint"]
+        plain_act, ckpt_act = activation["plain"][n], activation["checkpoint"][n]
         ratios[n] = ckpt_act / plain_act if plain_act > 0 else float("nan")
         same = abs(plain["loss"] - ckpt["loss"]) <= 1e-6 * max(1.0, abs(plain["loss"]))
         print(
             f"{n:4d} {base['peak_mb']:11.0f} {plain_act:10.0f} {ckpt_act:17.0f} {ratios[n]:7.3f} {str(same):>10s}"
-            f" {adjoint_act:12.0f}"
+            f" {activation['adjoint'][n]:12.0f} {activation['draft_plus'][n]:11.0f}"
         )
     first, last = min(args.steps), max(args.steps)
     for mode, values in activation.items():

@@ -4,6 +4,12 @@ The world (deterministic by seed): 6 colours x 4 shapes x 2 sizes x 3 positions 
 ``"a small red circle on the left"``. Six colour-shape pairs never appear in training prompts (with
 any size or position): the held-out prompts test generalisation to unseen combinations.
 
+Prompt sets (``PROMPT_SETS``; ``vialign`` names them ``shapeworld:<name>``): ``train`` (108, the
+generator's pretraining prompts), ``held_out`` (36, the six pairs in all six slots), ``all`` (144), and the
+alignment protocol's split, GenEval-style (disjoint prompts, same vocabulary): ``eval`` (18, the six
+held-out pairs in the slots of ``EVAL_SLOTS``) is what alignment is judged on and never trains on;
+``align`` (126, every other prompt) is what alignment trains on.
+
 The oracle reads an image and decides, for each attribute of the prompt, whether the image shows it:
 it estimates the background from the border, segments the largest foreground blob, and measures its
 colour (nearest palette colour), size (bounding-box extent), position (bounding-box centre) and shape
@@ -73,6 +79,31 @@ def train_prompts() -> list[str]:
 
 def held_out_prompts() -> list[str]:
     return [scene.prompt for scene in all_scenes() if scene.held_out]
+
+
+# (size, position) slots of the evaluation split; the held-out pairs in the other three slots are trained on
+EVAL_SLOTS = (("small", "left"), ("large", "center"), ("small", "right"))
+
+
+def _in_eval_split(scene: Scene) -> bool:
+    return scene.held_out and (scene.size, scene.position) in EVAL_SLOTS
+
+
+def eval_prompts() -> list[str]:
+    return [scene.prompt for scene in all_scenes() if _in_eval_split(scene)]
+
+
+def align_prompts() -> list[str]:
+    return [scene.prompt for scene in all_scenes() if not _in_eval_split(scene)]
+
+
+PROMPT_SETS = {
+    "train": train_prompts,
+    "held_out": held_out_prompts,
+    "all": lambda: [scene.prompt for scene in all_scenes()],
+    "eval": eval_prompts,
+    "align": align_prompts,
+}
 
 
 PROMPT_PATTERN = re.compile(

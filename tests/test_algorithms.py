@@ -96,7 +96,7 @@ def test_an_algorithm_that_needs_a_reward_gets_one(toy_registry):
         load_config(TrainConfig, None, ["algorithm=nope"])
 
 
-def test_an_algorithm_on_data_the_trainer_does_not_load_is_refused(tmp_path, tiny_dir, toy_registry):
+def test_a_pair_algorithm_on_prompt_data_is_refused(tmp_path, tiny_dir, toy_registry):
     from vialign.errors import VialignInputError
     from vialign.trainer import Trainer
 
@@ -108,8 +108,10 @@ def test_an_algorithm_on_data_the_trainer_does_not_load_is_refused(tmp_path, tin
     config = load_config(
         TrainConfig, None, ["algorithm=pairwise_shrink", "rewards={}", f"output_dir={tmp_path / 'run'}"]
     )
+    # the trainer loads pairs for it from data.train, and a prompt set there is named as the mistake
     with pytest.raises(
-        VialignInputError, match="trains on preference_pairs, which this trainer does not load"
+        VialignInputError,
+        match="shapeworld:align is a prompt set, and this algorithm trains on preference pairs",
     ):
         Trainer(config, progress=False)
 

@@ -179,7 +179,7 @@ def test_gradient_methods_reject_bad_input(tmp_path, quiet_libraries):
         ("adjoint_matching_sd15", "adjoint_matching", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
         ("adjoint_matching_flux", "adjoint_matching", "black-forest-labs/FLUX.1-dev"),
         ("quickstart_draft", "draft", "shapeworld"),
-        ("quickstart_refl", "refl", "shapeworld"),
+        ("quickstart", "refl", "shapeworld"),
         ("quickstart_adjoint", "adjoint_matching", "shapeworld"),
     ],
 )

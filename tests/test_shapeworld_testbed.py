@@ -113,11 +113,17 @@ def test_eval_command(tmp_path, capsys, quiet_libraries):
     out = tmp_path / "eval"
     assert main(["eval", "--samples-per-prompt", "2", "--reward", "shapeworld-clip", "--out", str(out)]) == 0
     result = json.loads((out / "eval.json").read_text())
+    # the default split is shapeworld:eval, drawn at evaluation seeds (2**62 + index), never at training seeds
     samples = evaluate.generate(
-        pipelines.load_pipeline("shapeworld", device="cpu"), sw.held_out_prompts(), range(2)
+        pipelines.load_pipeline("shapeworld", device="cpu"), sw.eval_prompts(), [2**62, 2**62 + 1]
     )
-    assert result["oracle_accuracy"] == pytest.approx(evaluate.oracle_report(samples).accuracy, abs=1e-9)
-    assert set(result["per_attribute"]) == set(sw.ATTRIBUTES) and result["num_samples"] == 72
+    report = evaluate.oracle_report(samples)
+    assert result["oracle_accuracy"] == pytest.approx(report.accuracy, abs=1e-9)
+    assert result["oracle_accuracy_se"] == pytest.approx(
+        evaluate.mean_and_se(report.correct.float(), 2)[1], abs=1e-9
+    )
+    assert set(result["per_attribute"]) == set(result["per_attribute_se"]) == set(sw.ATTRIBUTES)
+    assert result["num_samples"] == 36 and result["prompts"] == "shapeworld:eval"
     assert (
         0 < result["clip_diversity"] < 2
         and 0 < result["pixel_diversity"] < 1
@@ -125,6 +131,42 @@ def test_eval_command(tmp_path, capsys, quiet_libraries):
     )
     assert Image.open(out / "grid.png").size[0] > 0
     assert "oracle accuracy" in capsys.readouterr().out
+
+
+def test_alignment_split_is_disjoint_and_covers_every_prompt():
+    """shapeworld:eval (judged, never trained on) and shapeworld:align (trained on) partition the 144
+    prompts; eval holds the six held-out pairs in three slots, align the same pairs in the other three."""
+    from vialign.data import load_prompts
+
+    eval_split, align = load_prompts("shapeworld:eval"), load_prompts("shapeworld:align")
+    everything = [scene.prompt for scene in sw.all_scenes()]
+    assert len(eval_split) == 18 and len(align) == 126 and len(set(eval_split) | set(align)) == 144
+    assert not set(eval_split) & set(align) and sorted(eval_split + align) == sorted(everything)
+    assert set(sw.train_prompts()) <= set(align)  # the 108 pretraining prompts
+    scenes = [sw.parse_prompt(p) for p in eval_split]
+    assert {(s.size, s.position) for s in scenes} == {
+        ("small", "left"),
+        ("large", "center"),
+        ("small", "right"),
+    }
+    assert {(s.colour, s.shape) for s in scenes} == sw.HELD_OUT_PAIRS and all(s.held_out for s in scenes)
+    aligned_pairs = [sw.parse_prompt(p) for p in align if sw.parse_prompt(p).held_out]
+    assert len(aligned_pairs) == 18 and {(s.colour, s.shape) for s in aligned_pairs} == sw.HELD_OUT_PAIRS
+    assert {(s.size, s.position) for s in aligned_pairs} == {
+        ("large", "left"),
+        ("small", "center"),
+        ("large", "right"),
+    }
+
+
+def test_standard_error_over_seeds_by_hand():
+    """Two prompts x 4 seeds: per-prompt sample variances 1/3 (two of four right) and 0 (all right), so
+    SE = sqrt((1/3 + 0) / 4) / 2; with one seed per prompt, the plain sqrt(var / N)."""
+    correct = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    mean, se = evaluate.mean_and_se(correct, 4)
+    assert mean == pytest.approx(0.75) and se == pytest.approx((1 / 3 / 4) ** 0.5 / 2)
+    mean, se = evaluate.mean_and_se(torch.tensor([1.0, 0.0, 1.0, 1.0]), 1)
+    assert mean == pytest.approx(0.75) and se == pytest.approx((0.25 / 4) ** 0.5)
 
 
 def test_assets_fit_the_budget():

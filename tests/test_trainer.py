@@ -362,8 +362,9 @@ def test_it_learns_brightness(tmp_path, quiet_libraries):
 def test_two_processes_equal_one(tmp_path, tiny_dir, prompt_file):
     """accelerate launch --multi_gpu --num_processes 2 (gloo on CPU) == one process, same global batch, for
     every algorithm family: GRPO (with KL), DRaFT+ (reference model, 2 micro-batches), ReFL (with the
-    denoising regulariser) and Adjoint Matching (loss clipping from the global batch)."""
-    algorithms = ["grpo", "draft", "refl", "adjoint_matching"]
+    denoising regulariser), Adjoint Matching (loss clipping from the global batch), offline DPO (pairs
+    and their latent cache) and online DPO (whole groups per process)."""
+    algorithms = ["grpo", "draft", "refl", "adjoint_matching", "dpo", "online_dpo"]
     script = Path(__file__).with_name("train_two_steps.py")
     sys.path.insert(0, str(script.parent))
     from train_two_steps import regularizer_images
@@ -442,7 +443,7 @@ def test_two_processes_equal_one(tmp_path, tiny_dir, prompt_file):
         ("grpo_sdxl", "stabilityai/stable-diffusion-xl-base-1.0", 12, "ddim", 0.0),
         ("flow_grpo_sd35", "stabilityai/stable-diffusion-3.5-medium", 24, "flow-sde", 0.04),
         ("dance_grpo_flux", "black-forest-labs/FLUX.1-dev", 12, "dance-sde", 0.0),
-        ("quickstart", "shapeworld", 8, "flow-sde", 0.0),
+        ("quickstart_grpo", "shapeworld", 8, "flow-sde", 0.0),
     ],
 )
 def test_presets_validate_with_published_settings(name, model, group, sde, beta):
@@ -483,3 +484,52 @@ def test_prompt_sources(tmp_path):
     first_pass = prompts_for_step(prompts, 1, 4, seed=1) + prompts_for_step(prompts, 2, 4, seed=1)[:2]
     assert sorted(first_pass) == sorted(prompts)
     assert prompts_for_step(prompts, 2, 4, seed=1) == prompts_for_step(prompts, 2, 4, seed=1)
+
+
+def test_evaluation_seeds_never_meet_training_seeds(
+    tmp_path, tiny_dir, prompt_file, quiet_libraries, monkeypatch, caplog
+):
+    """Every training draw (sample_seed, any config seed, step and index, step choices included) is below
+    2**62; evaluation draws 2**62 + index. Checked on the seeds a real run hands to the sampler: GRPO's
+    rollouts and the trainer's evaluation (of the eval prompts and of the regression prompts)."""
+    import vialign.algorithms.base as base
+    import vialign.sample as sample
+    from vialign.algorithms import sample_seed
+    from vialign.algorithms.base import EVALUATION_SEEDS, evaluation_seed
+
+    for seed in (0, 1, 12345, 2**40, 2**62):
+        for step in (1, 2, 10**6):
+            for index in (0, 7, 2**20 - 1, 2**40, 2**41 + 5, 2**42):
+                assert 0 <= sample_seed(seed, step, index) < EVALUATION_SEEDS == 2**62
+    assert [evaluation_seed(i) for i in (0, 1, 7)] == [2**62, 2**62 + 1, 2**62 + 7]
+
+    drawn = {"train": [], "eval": []}
+
+    def recording(module, kind):
+        original = module.rollout_prompts
+
+        def rollout_prompts(adapter, prompts, seeds, *args, **kwargs):
+            drawn[kind].extend(int(s) for s in seeds)
+            return original(adapter, prompts, seeds, *args, **kwargs)
+
+        monkeypatch.setattr(module, "rollout_prompts", rollout_prompts)
+
+    recording(base, "train")  # TrainingContext.rollout
+    recording(sample, "eval")  # generate_images, the trainer's evaluation
+    config = make_config(
+        tmp_path,
+        tiny_dir("sd3"),
+        prompt_file,
+        train__eval_every=1,
+        eval__regression_prompts=prompt_file,
+        eval__max_prompts=2,
+    )
+    Trainer(config, progress=False).train()
+    assert "4 of the 4 evaluation prompts are training prompts too" in caplog.text  # data.train == data.eval
+    per_eval = 2 * 2 + len(PROMPTS) * 2  # eval prompts x 2 seeds + regression prompts x 2 seeds
+    assert len(drawn["eval"]) == 3 * per_eval and len(drawn["train"]) == 2 * 2 * 3
+    assert set(drawn["eval"]) == {2**62, 2**62 + 1}
+    assert max(drawn["train"]) < 2**62 and not set(drawn["train"]) & set(drawn["eval"])
+    rows = [r for r in metric_rows(tmp_path / "run") if "eval/brightness" in r]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all("eval/brightness_se" in r and "eval/regression/brightness" in r for r in rows)

@@ -3,7 +3,7 @@ two training steps of each algorithm named on the command line, on a tiny SD3 wi
 (GRPO) or 4 (the others); the main process writes the trained weights (and GRPO's global advantages) to
 OUT/<algorithm>/result.safetensors.
 
-    python tests/train_two_steps.py MODEL_DIR PROMPTS.txt OUT grpo draft refl adjoint_matching
+    python tests/train_two_steps.py MODEL_DIR PROMPTS.txt OUT grpo draft refl adjoint_matching dpo online_dpo
 """
 
 import json
@@ -60,6 +60,15 @@ SETTINGS = {
         "adjoint_matching.clip_quantile=0.5",
         "adjoint_matching.reward_multiplier=1000",
     ],
+    # offline pairs (latents cached by the main process, read by the other), two micro-batches on one
+    "dpo": ["dpo.beta=100", "dpo.pairs_per_step=4", "dpo.micro_batch_size=2"],
+    # each process rolls out whole groups; best vs worst by brightness
+    "online_dpo": [
+        "online_dpo.beta=100",
+        "online_dpo.samples_per_prompt=2",
+        "online_dpo.pairs_per_step=2",
+        "online_dpo.micro_batch_size=1",
+    ],
 }
 
 
@@ -74,6 +83,10 @@ def regularizer_images(folder: Path) -> str:
         Image.fromarray(pixels).save(folder / f"{i}.png")
         rows.append(json.dumps({"file": f"{i}.png", "prompt": f"image {i}"}))
     (folder / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    pairs = [
+        {"prompt": f"image {i}", "chosen": f"{i}.png", "rejected": f"{(i + 1) % 4}.png"} for i in range(4)
+    ]
+    (folder / "preferences.jsonl").write_text("".join(json.dumps(row) + "\n" for row in pairs))
     return str(folder / "pairs.jsonl")
 
 
@@ -81,11 +94,11 @@ def main() -> None:
     model, prompt_file, out = sys.argv[1:4]
     for algorithm in sys.argv[4:]:
         folder = Path(out) / algorithm
-        extra = (
-            [f"refl.regularizer_data={Path(out).parent / 'images' / 'pairs.jsonl'}"]
-            if algorithm == "refl"
-            else []
-        )
+        images = Path(out).parent / "images"
+        extra = {
+            "refl": [f"refl.regularizer_data={images / 'pairs.jsonl'}"],
+            "dpo": [f"data.train={images / 'preferences.jsonl'}"],
+        }.get(algorithm, [])
         config = load_config(
             TrainConfig,
             None,
@@ -93,7 +106,7 @@ def main() -> None:
                 f"algorithm={algorithm}",
                 f"model.path={model}",
                 f"output_dir={folder}",
-                f"data.train={prompt_file}",
+                f"data.train={prompt_file}",  # dpo: replaced by its pairs in `extra`
                 *COMMON,
                 *SETTINGS[algorithm],
                 *extra,

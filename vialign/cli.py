@@ -135,19 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "eval",
         help="judge a model on ShapeWorld prompts with the oracle (eval.json + grid.png)",
-        description="Sample ShapeWorld prompts (held-out by default) and report oracle accuracy overall and per "
+        description="Sample ShapeWorld prompts (shapeworld:eval by default) and report oracle accuracy overall and per "
         "attribute, reward means and diversity. Works with the shipped testbed, a LoRA or a fine-tuned folder.",
     )
     evaluate.add_argument("--config", help="YAML config with the keys of EvalConfig")
     evaluate.add_argument("--model", help="model folder or built-in (default shapeworld)")
     evaluate.add_argument("--lora", help="folder with diffusers-format LoRA weights")
-    evaluate.add_argument("--prompts", help="held_out (default), train, all, or a file of ShapeWorld prompts")
+    evaluate.add_argument(
+        "--prompts",
+        help="shapeworld:eval (default), shapeworld:align, :train, :held_out, :all, or a file of ShapeWorld prompts",
+    )
     evaluate.add_argument("--samples-per-prompt", help="images per prompt (default 8)")
     evaluate.add_argument("--num-steps", help="denoising steps (default: the model's)")
     evaluate.add_argument("--guidance-scale", help="guidance scale (default: the model's)")
     evaluate.add_argument("--sampler", help="ode (default) or sde")
     evaluate.add_argument("--sde-kind", help="ddim | flow-sde | dance-sde | cps")
-    evaluate.add_argument("--seed", help="first seed of every prompt (default 0)")
+    evaluate.add_argument(
+        "--seed", help="first evaluation sample of every prompt (default 0; noise seed 2**62 + index)"
+    )
     evaluate.add_argument("--reward", action="append", help="a reward whose mean is reported (repeatable)")
     evaluate.add_argument("--out", metavar="DIR", help="output folder (default eval)")
     evaluate.add_argument(

@@ -157,11 +157,17 @@ class EvalConfig(StrictModel):
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    prompts: str = Field("held_out", description="held_out, train, all, or a file of ShapeWorld prompts")
+    prompts: str = Field(
+        "shapeworld:eval",
+        description="shapeworld:eval (the alignment protocol's split), :align, :train, :held_out, :all, or a "
+        "file of ShapeWorld prompts",
+    )
     samples_per_prompt: int = Field(
         8, ge=1, le=1024, description="images per prompt (seeds seed .. seed+N-1)"
     )
-    seed: int = Field(0, ge=0, le=2**62, description="first seed of every prompt")
+    seed: int = Field(
+        0, ge=0, le=2**40, description="first evaluation sample of every prompt (noise seed 2**62 + index)"
+    )
     rewards: list[str] = Field(default_factory=list, description="rewards whose mean is reported too")
     batch_size: int = Field(256, ge=1, le=4096, description="images per sampling batch")
     out: str = Field("eval", description="output folder: eval.json and grid.png")
@@ -172,15 +178,21 @@ class DataConfig(StrictModel):
     """Prompt data: train and held-out eval prompts."""
 
     train: str = Field(
-        "shapeworld:train",
+        "shapeworld:align",
         description="text file (one prompt per line), JSONL with a prompt column, hf:NAME[:SPLIT] "
-        "(a Hugging Face dataset) or a saved dataset folder; built-ins shapeworld:train, shapeworld:held_out, "
-        "shapeworld:all",
+        "(a Hugging Face dataset) or a saved dataset folder; built-ins shapeworld:align, shapeworld:eval, "
+        "shapeworld:train, shapeworld:held_out, shapeworld:all. Preference algorithms (dpo): a .jsonl/.csv of "
+        "prompt, chosen, rejected, hf:NAME[:SPLIT] in the Pick-a-Pic v2 schema, or shapeworld:preferences",
     )
     eval: str | None = Field(
-        "shapeworld:held_out", description="held-out prompts in the same forms; null: split off eval_fraction"
+        "shapeworld:eval", description="held-out prompts in the same forms; null: split off eval_fraction"
     )
     prompt_column: str = Field("prompt", description="column of JSONL / dataset rows holding the prompt")
+    latent_cache: str | None = Field(
+        None,
+        description="preference pairs (DPO): folder of the VAE latent cache, keyed by image content and "
+        "model, reused across runs; default OUTPUT_DIR/latent_cache",
+    )
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="with eval=null: this fraction of the train prompts is held out (seeded)"
     )
@@ -265,7 +277,15 @@ class TrainEvalConfig(StrictModel):
         "check); shapeworld-oracle also logs eval/oracle_accuracy. Default: the training rewards",
     )
     max_prompts: int | None = Field(None, ge=1, description="evaluate at most this many prompts")
-    samples_per_prompt: int = Field(4, ge=1, le=1024, description="images per prompt (seeds 0..N-1)")
+    samples_per_prompt: int = Field(
+        8, ge=1, le=1024, description="images per prompt, at evaluation seeds that training never draws"
+    )
+    regression_prompts: str | None = Field(
+        None,
+        description="prompts the model already renders well (same forms as data.train, e.g. "
+        "shapeworld:train): logged as eval/regression/<metric>, a drop there is forgetting",
+    )
+    regression_samples_per_prompt: int = Field(2, ge=1, le=1024, description="images per regression prompt")
     num_steps: int | None = Field(None, ge=1, le=1000, description="ODE steps; default the model's")
     guidance_scale: float | None = Field(None, ge=0, le=100, description="default the model's")
     batch_size: int = Field(64, ge=1, le=4096, description="images per sampling batch")

@@ -4,7 +4,7 @@ load_prompts("prompts.txt")                 # one prompt per line
 load_prompts("prompts.jsonl", "caption")    # one JSON object per line, the prompt in "caption"
 load_prompts("hf:org/name:train")           # datasets.load_dataset("org/name", split="train")
 load_prompts("data/saved_dataset")          # datasets.load_from_disk(...)
-load_prompts("shapeworld:train")            # the testbed's train (or held_out) prompts
+load_prompts("shapeworld:align")            # a testbed prompt set: align, eval, train, held_out, all
 """
 
 from __future__ import annotations
@@ -42,14 +42,11 @@ def load_prompts(spec: str, column: str = "prompt") -> list[str]:
     if spec.startswith("shapeworld:"):
         from rewards import shapeworld as sw
 
-        named = {
-            "shapeworld:train": sw.train_prompts,
-            "shapeworld:held_out": sw.held_out_prompts,
-            "shapeworld:all": lambda: [scene.prompt for scene in sw.all_scenes()],
-        }
-        if spec not in named:
-            raise VialignInputError(f"unknown built-in prompt set {spec!r}; choose {', '.join(named)}")
-        prompts = named[spec]()
+        name = spec.removeprefix("shapeworld:")
+        if name not in sw.PROMPT_SETS:
+            choices = ", ".join(f"shapeworld:{n}" for n in sw.PROMPT_SETS)
+            raise VialignInputError(f"unknown built-in prompt set {spec!r}; choose {choices}")
+        prompts = sw.PROMPT_SETS[name]()
     elif spec.startswith("hf:"):
         datasets = _require_datasets(spec)
         name, _, split = spec[3:].partition(":")

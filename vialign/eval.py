@@ -1,9 +1,11 @@
 """``vialign eval``: sample ShapeWorld prompts and report the oracle's verdict, rewards and diversity.
 
-    vialign eval                                   # the shipped testbed model, held-out prompts, 8 seeds each
+    vialign eval                                   # the shipped testbed model, shapeworld:eval, 8 seeds each
     vialign eval --lora runs/x/lora --reward shapeworld-clip --out eval/x
 
-Writes ``DIR/eval.json`` (oracle accuracy overall, per attribute and per prompt, the mean of every
+Samples are drawn at evaluation seeds (``vialign.algorithms.base.evaluation_seed``), which training
+never draws, the same ones ``vialign train`` evaluates at. Writes ``DIR/eval.json`` (oracle accuracy
+overall, per attribute and per prompt, with standard errors over seeds, the mean of every
 reward asked for; ``clip_diversity``: mean pairwise cosine distance of the tiny CLIP's image embeddings
 within a prompt; ``pixel_diversity``: mean pairwise RMS pixel distance within a prompt, the measure
 ``vialign train`` logs as ``eval/pixel_diversity``) and ``DIR/grid.png`` (rows: prompts, columns: seeds).
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 from rewards import shapeworld as sw
+from vialign.algorithms.base import evaluation_seed
 from vialign.config import EvalConfig
 from vialign.errors import VialignInputError
 from vialign.sample import load_model, read_prompts
@@ -27,12 +30,16 @@ GRID_ROWS, GRID_COLUMNS = 12, 8
 
 
 def eval_prompts(spec: str) -> list[str]:
-    named = {
-        "held_out": sw.held_out_prompts,
-        "train": sw.train_prompts,
-        "all": lambda: [s.prompt for s in sw.all_scenes()],
-    }
-    prompts = named[spec]() if spec in named else read_prompts(spec)
+    """A built-in prompt set (``shapeworld:eval`` or just ``eval``, see ``rewards.shapeworld.PROMPT_SETS``)
+    or a file of ShapeWorld prompts."""
+    name = spec.removeprefix("shapeworld:")
+    if name in sw.PROMPT_SETS:
+        prompts = sw.PROMPT_SETS[name]()
+    elif spec.startswith("shapeworld:"):
+        choices = ", ".join(f"shapeworld:{n}" for n in sw.PROMPT_SETS)
+        raise VialignInputError(f"unknown built-in prompt set {spec!r}; choose {choices}")
+    else:
+        prompts = read_prompts(spec)
     for prompt in prompts:
         sw.parse_prompt(prompt)  # the oracle judges ShapeWorld prompts only
     return prompts
@@ -61,7 +68,7 @@ def run_eval(config: EvalConfig) -> dict:
         settings.guidance_scale if settings.guidance_scale is not None else adapter.default_guidance_scale
     )
     start = time.time()
-    seeds = range(config.seed, config.seed + config.samples_per_prompt)
+    seeds = [evaluation_seed(config.seed + i) for i in range(config.samples_per_prompt)]
     samples = evaluate.generate(
         adapter,
         prompts,
@@ -80,6 +87,7 @@ def run_eval(config: EvalConfig) -> dict:
             for name, reward in extra.items()
         }
     per_prompt = report.correct.float().view(len(prompts), -1).mean(1)
+    per_sample = config.samples_per_prompt
     result = {
         "model": model.path,
         "lora": model.lora,
@@ -88,7 +96,12 @@ def run_eval(config: EvalConfig) -> dict:
         "samples_per_prompt": config.samples_per_prompt,
         "num_samples": len(samples.prompts),
         "oracle_accuracy": report.accuracy,
+        "oracle_accuracy_se": evaluate.mean_and_se(report.correct.float(), per_sample)[1],
         "per_attribute": report.per_attribute,
+        "per_attribute_se": {
+            name: evaluate.mean_and_se(verdicts.float(), per_sample)[1]
+            for name, verdicts in report.verdicts.items()
+        },
         "rewards": reward_means,
         "clip_diversity": evaluate.embedding_diversity(embeddings, config.samples_per_prompt)
         if config.samples_per_prompt > 1
@@ -102,7 +115,7 @@ def run_eval(config: EvalConfig) -> dict:
             "sde_kind": sampler.sde,
             "num_steps": num_steps,
             "guidance_scale": guidance_scale,
-            "seed": config.seed,
+            "first_evaluation_sample": config.seed,
         },
         "seconds": round(time.time() - start, 1),
     }

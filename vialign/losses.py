@@ -16,6 +16,7 @@ renoise                alpha x_N + sigma eps (DRaFT-LV's re-noised copies)      
 output_kl              mean over dims of |f_theta - f_ref|^2, per sample              DRaFT+
 adjoint_regression     |(mu_ft - mu_base)/s + s a_{k+1}|^2, summed over dims          Adjoint Matching
 quantile_threshold     EMA of the q-quantile of per-sample losses                     Adjoint Matching
+dpo_loss               -log sigmoid(-beta/2 ((e_w - e_l) - (e_w_ref - e_l_ref)))      Diffusion-/Flow-DPO
 =====================  ==========================================================  ====================
 """
 
@@ -124,3 +125,30 @@ def quantile_threshold(losses: torch.Tensor, quantile: float, previous: float | 
     if previous is None or decay == 0:
         return value
     return decay * previous + (1 - decay) * value
+
+
+@dataclass
+class DPOOutput:
+    loss: torch.Tensor  # [B] -log sigmoid(-beta / 2 * (model_diff - ref_diff))
+    model_diff: torch.Tensor  # [B] mse_w - mse_l under the policy, detached
+    ref_diff: torch.Tensor  # [B] the same under the reference, detached
+    implicit_accuracy: torch.Tensor  # [B] 1 where model_diff < ref_diff, 1/2 on a tie, else 0
+
+
+def dpo_loss(
+    mse_chosen: torch.Tensor,
+    mse_rejected: torch.Tensor,
+    ref_mse_chosen: torch.Tensor,
+    ref_mse_rejected: torch.Tensor,
+    beta: float,
+) -> DPOOutput:
+    """Diffusion-DPO per pair (Wallace et al. 2023, eq. 14, as their train.py computes it: per-sample mean
+    squared errors, no factor T): ``-log sigmoid(-beta / 2 * ((e_w - e_l) - (e_w_ref - e_l_ref)))``.
+    The chosen and rejected errors must come from the same noise and timestep. With the policy equal to
+    the reference the argument is 0 and the loss log 2."""
+    model_diff = mse_chosen.float() - mse_rejected.float()
+    ref_diff = (ref_mse_chosen.float() - ref_mse_rejected.float()).detach()
+    inside = model_diff - ref_diff
+    loss = -torch.nn.functional.logsigmoid(-0.5 * beta * inside)
+    accuracy = (inside < 0).float() + 0.5 * (inside == 0).float()
+    return DPOOutput(loss, model_diff.detach(), ref_diff, accuracy.detach())

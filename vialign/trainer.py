@@ -115,17 +115,14 @@ class Trainer:
             self.accelerator.process_index, self.accelerator.num_processes, self.accelerator.device
         )
         self.algorithm_class = get_algorithm(config.algorithm)
-        if self.algorithm_class.data != "prompts":
-            raise VialignInputError(
-                f"algorithm={config.algorithm} trains on {self.algorithm_class.data}, which this trainer "
-                "does not load yet; only prompt data (data.train) is supported"
-            )
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self._check_output_dir(resume)
         self.train_prompts, self.eval_prompts = self._prompts()
+        self.regression_prompts = self._regression_prompts()
         self.adapter = self._load_model()
         self.trainable = self._setup_finetuning()
+        self.preferences = self._encode_preferences()
         self.reward = self._load_rewards()
         self.optimizer = self._optimizer()
         self.ema = [p.detach().clone().float() for p in self.trainable] if config.finetune.ema_decay else None
@@ -165,6 +162,7 @@ class Trainer:
             width=width,
             guidance=adapter.make_guidance(sampling.guidance_scale),
             sampling=sampling,
+            preferences=self.preferences,
             processes=self.processes,
             reference=self.reference,
             optimizer_step=self.optimizer_step,
@@ -192,12 +190,53 @@ class Trainer:
 
     def _prompts(self) -> tuple[list[str], list[str]]:
         data = self.config.data
-        train = load_prompts(data.train, data.prompt_column)
+        if self.algorithm_class.data == "preference_pairs":
+            from vialign.preferences import read_preference_pairs
+
+            self.preference_data = read_preference_pairs(data.train)
+            logger.info("data.train: %s", self.preference_data.summary())
+            train = [pair.prompt for pair in self.preference_data.pairs]
+        else:
+            train = load_prompts(data.train, data.prompt_column)
         if data.eval is not None:
-            return train, list(dict.fromkeys(load_prompts(data.eval, data.prompt_column)))
+            held_out = list(dict.fromkeys(load_prompts(data.eval, data.prompt_column)))
+            overlap = set(train) & set(held_out)
+            if overlap:  # allowed (a smoke run may want it), but its gains are not held out
+                logger.warning(
+                    "%d of the %d evaluation prompts are training prompts too (e.g. %r): gains measured on "
+                    "them are not held out; choose disjoint data.train and data.eval (shapeworld:align and "
+                    "shapeworld:eval)",
+                    len(overlap),
+                    len(held_out),
+                    sorted(overlap)[0],
+                )
+            return train, held_out
         if data.eval_fraction > 0:
             return split_prompts(train, data.eval_fraction, self.config.seed)
         return train, []
+
+    def _encode_preferences(self):
+        """The preference pairs' latents (``vialign.preferences.encode_pairs``), for data="preference_pairs"."""
+        if self.algorithm_class.data != "preference_pairs":
+            return None
+        from vialign.preferences import encode_pairs
+
+        height, width = self.image_size()
+        cache = self.config.data.latent_cache or self.output_dir / "latent_cache"
+        # the main process fills the cache; the others then read it (no two writers in one folder)
+        if self.is_main:
+            latents = encode_pairs(self.preference_data.pairs, self.adapter, height, width, cache_dir=cache)
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            latents = encode_pairs(self.preference_data.pairs, self.adapter, height, width, cache_dir=cache)
+        return latents
+
+    def _regression_prompts(self) -> list[str]:
+        """``eval.regression_prompts``: prompts the model already renders, where a drop is forgetting."""
+        spec = self.config.eval.regression_prompts
+        if spec is None:
+            return []
+        return list(dict.fromkeys(load_prompts(spec, self.config.data.prompt_column)))
 
     def _load_model(self):
         from vialign.sample import load_model
@@ -370,13 +409,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, step: int) -> dict[str, float]:
-        """Sample the held-out prompts (ODE, seeds 0..S-1, EMA weights) on the main process and log
-        ``eval/<reward>`` means, ``eval/oracle_accuracy`` (with the ShapeWorld judge), ``eval/pixel_diversity``
-        and an image grid ``eval/step-<step>.png``."""
+        """Sample the held-out prompts (ODE, EMA weights, ``eval.samples_per_prompt`` evaluation seeds
+        per prompt, which training never draws) on the main process and log ``eval/<reward>`` means with
+        their standard errors (``_se``), ``eval/oracle_accuracy`` and ``eval/oracle/<attribute>`` (with the
+        ShapeWorld judge), ``eval/pixel_diversity``, the same under ``eval/regression/`` for
+        ``eval.regression_prompts``, and an image grid ``eval/step-<step>.png``."""
         results: dict[str, float] = {}
         if self.is_main and self.eval_prompts:
             with torch.no_grad(), self.ema_weights():
-                results = self._evaluate(step)
+                config = self.config.eval
+                results, pixels = self._evaluate_prompts(
+                    self.eval_prompts[: config.max_prompts], config.samples_per_prompt, "eval/"
+                )
+                if self.regression_prompts:
+                    regression, _ = self._evaluate_prompts(
+                        self.regression_prompts, config.regression_samples_per_prompt, "eval/regression/"
+                    )
+                    results.update(regression)
+            self._save_eval_grid(step, pixels, config.samples_per_prompt)
             self.metrics.log(step, results)
         self.accelerator.wait_for_everyone()
         return results
@@ -388,25 +438,26 @@ class Trainer:
             names = self.config.eval.rewards or list(self.config.rewards)
             models = {}
             for name in names:
-                if name in self.reward.components:
+                if self.reward is not None and name in self.reward.components:
                     models[name] = self.reward.components[name]
                 else:
                     models[name] = rewards.load_reward(name).to(self.adapter.device).eval()
             self._eval_reward_models = models
         return self._eval_reward_models
 
-    def _evaluate(self, step: int) -> dict[str, float]:
-        from vialign.media import save_grid
+    def _evaluate_prompts(
+        self, prompts: list[str], per_prompt: int, prefix: str
+    ) -> tuple[dict[str, float], torch.Tensor]:
+        """Every prompt at evaluation seeds 0..per_prompt-1 (prompt-major); reward means with the
+        standard error over seeds (``vialign.testbed.evaluate.mean_and_se``) and pixel diversity."""
+        from vialign.algorithms.base import evaluation_seed
         from vialign.sample import generate_images
-        from vialign.testbed.evaluate import pixel_diversity
+        from vialign.testbed.evaluate import mean_and_se, pixel_diversity
 
         config, adapter = self.config.eval, self.adapter
-        prompts = self.eval_prompts[: config.max_prompts]
-        per_prompt = config.samples_per_prompt
         all_prompts = [p for p in prompts for _ in range(per_prompt)]
-        seeds = [s for _ in prompts for s in range(per_prompt)]
+        seeds = [evaluation_seed(s) for _ in prompts for s in range(per_prompt)]
         height, width = self.image_size()
-        guidance = adapter.make_guidance(config.guidance_scale)
         batches = generate_images(
             adapter,
             all_prompts,
@@ -414,24 +465,33 @@ class Trainer:
             num_steps=config.num_steps or adapter.default_num_steps,
             height=height,
             width=width,
-            guidance=guidance,
+            guidance=adapter.make_guidance(config.guidance_scale),
             batch_size=config.batch_size,
         )
         pixels = torch.cat([batch.float().cpu() for _, batch in batches])
         results = {}
+
+        def log_mean(name: str, values: torch.Tensor) -> None:
+            results[prefix + name], results[prefix + name + "_se"] = mean_and_se(values.cpu(), per_prompt)
+
         for name, reward in self._eval_rewards().items():
             out = reward(pixels.to(adapter.device), all_prompts)
-            results[f"eval/{name}"] = float(out.score.float().mean())
+            log_mean(name, out.score)
             if name == SHAPEWORLD_ORACLE:
-                results["eval/oracle_accuracy"] = results[f"eval/{name}"]
-                results.update({f"eval/oracle/{k}": float(v.float().mean()) for k, v in out.dims.items()})
+                log_mean("oracle_accuracy", out.score)
+                for attribute, verdicts in out.dims.items():
+                    log_mean(f"oracle/{attribute}", verdicts)
         if per_prompt > 1:
-            results["eval/pixel_diversity"] = pixel_diversity(pixels, per_prompt)
-        rows, columns = min(8, len(prompts)), min(8, per_prompt)
+            results[prefix + "pixel_diversity"] = pixel_diversity(pixels, per_prompt)
+        return results, pixels
+
+    def _save_eval_grid(self, step: int, pixels: torch.Tensor, per_prompt: int) -> None:
+        from vialign.media import save_grid
+
+        rows, columns = min(8, len(pixels) // per_prompt), min(8, per_prompt)
         pick = [p * per_prompt + s for p in range(rows) for s in range(columns)]
         (self.output_dir / "eval").mkdir(exist_ok=True)
         save_grid(pixels[pick], self.output_dir / "eval" / f"step-{step:06d}.png", columns=columns)
-        return results
 
     def image_size(self) -> tuple[int, int]:
         """(height, width) of training and evaluation samples: the config's, else the model's default."""

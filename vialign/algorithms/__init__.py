@@ -5,12 +5,13 @@ grpo.py              GRPO for diffusion and flow models (DanceGRPO, Flow-GRPO, D
 draft.py             DRaFT-K / DRaFT-LV / DRaFT+ and AlignProp: reward gradients through the sampler
 refl.py              ReFL: one gradient step, the one-shot x0 prediction scored
 adjoint_matching.py  Adjoint Matching: memoryless SDE, lean adjoint, regression loss
+dpo.py               Diffusion-DPO / Flow-DPO: offline from preference pairs, online from rollouts
 
 Importing this package registers the built-in algorithms. A new one is a file with an ``@register``-ed
 :class:`Algorithm` subclass, imported before the config is loaded (docs/architecture.md).
 """
 
-from vialign.algorithms import adjoint_matching, draft, grpo, refl
+from vialign.algorithms import adjoint_matching, dpo, draft, grpo, refl
 from vialign.algorithms.base import (
     Algorithm,
     TrainingContext,
@@ -25,6 +26,7 @@ __all__ = [
     "TrainingContext",
     "adjoint_matching",
     "algorithm_names",
+    "dpo",
     "draft",
     "get_algorithm",
     "grpo",

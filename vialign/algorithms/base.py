@@ -44,8 +44,20 @@ DataKind = Literal["prompts", "preference_pairs"]
 def sample_seed(seed: int, step: int, index: int) -> int:
     """The noise seed of global sample ``index`` at training ``step``: the same on every process, so N
     processes draw exactly the samples one process draws for the same global batch, and a resumed run
-    needs no RNG state. Indices >= 2**40 name per-step draws that are not samples (step choices)."""
-    return ((seed * 1_000_003 + step) * 1_048_576 + index) % (2**63 - 1)
+    needs no RNG state. Indices >= 2**40 name per-step draws that are not samples (step choices).
+    Always below ``EVALUATION_SEEDS``: evaluation never meets a noise that training drew."""
+    return ((seed * 1_000_003 + step) * 1_048_576 + index) % EVALUATION_SEEDS
+
+
+# Evaluation draws its noise from seeds >= 2**62 (torch seeds go to 2**64 - 1), training from seeds below.
+EVALUATION_SEEDS = 2**62
+
+
+def evaluation_seed(index: int) -> int:
+    """The noise seed of the ``index``-th evaluation sample of a prompt (trainer and ``vialign eval``)."""
+    if not 0 <= index < 2**62:
+        raise ValueError(f"evaluation sample index {index} is outside [0, 2**62)")
+    return EVALUATION_SEEDS + index
 
 
 @dataclass
@@ -62,6 +74,7 @@ class TrainingContext:
     width: int
     guidance: Guidance  # CFG / guidance embedding of training rollouts
     sampling: Any  # the config's `sampler` section (sde_kind, noise_level, sde_window, ...)
+    preferences: Any = None  # vialign.preferences.PreferenceLatents, for data="preference_pairs"
     processes: Processes = field(default_factory=Processes)
     reference: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     optimizer_step: Callable[[int], float] = lambda step: 0.0  # clip, step, zero grads, EMA; -> grad norm

@@ -55,14 +55,31 @@ class OracleReport:
     accuracy: float
     per_attribute: dict[str, float]
     correct: torch.Tensor = field(repr=False)  # [N] bool, every attribute right
+    verdicts: dict[str, torch.Tensor] = field(repr=False)  # attribute -> [N] bool
 
 
 def oracle_report(samples: Samples) -> OracleReport:
     images = samples.pixels.permute(0, 2, 3, 1).numpy()
     verdicts = [sw.judge(image, prompt) for image, prompt in zip(images, samples.prompts)]
     correct = torch.tensor([all(v.values()) for v in verdicts])
-    per_attribute = {a: float(sum(v[a] for v in verdicts) / len(verdicts)) for a in sw.ATTRIBUTES}
-    return OracleReport(float(correct.float().mean()), per_attribute, correct)
+    by_attribute = {a: torch.tensor([v[a] for v in verdicts]) for a in sw.ATTRIBUTES}
+    per_attribute = {a: float(right.float().mean()) for a, right in by_attribute.items()}
+    return OracleReport(float(correct.float().mean()), per_attribute, correct, by_attribute)
+
+
+def mean_and_se(values: torch.Tensor, per_prompt: int) -> tuple[float, float]:
+    """Mean of per-sample values (prompt-major, ``per_prompt`` seeds each) and its standard error over
+    seeds with the prompts held fixed: sqrt(sum_p var_p / S) / P, var_p the sample variance of prompt p's
+    S values. This is how far the mean moves when the same prompts are drawn at other seeds; with one seed
+    per prompt it falls back to the plain sqrt(var / N)."""
+    values = values.detach().double().flatten()
+    if per_prompt < 2:
+        se = values.std() / math.sqrt(len(values)) if len(values) > 1 else torch.tensor(0.0)
+        return float(values.mean()), float(se)
+    grouped = values.view(-1, per_prompt)
+    variance = grouped.var(dim=1)  # unbiased, per prompt
+    se = variance.sum().div(per_prompt).sqrt() / grouped.shape[0]
+    return float(values.mean()), float(se)
 
 
 def best_of_n(scores: torch.Tensor, correct: torch.Tensor, n: int) -> float:

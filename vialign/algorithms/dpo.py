@@ -1,0 +1,219 @@
+"""Diffusion-DPO (Wallace et al. 2023, arXiv:2311.12908) and Flow-DPO, offline from preference pairs
+and online from the policy's own samples ranked by a reward (docs/algorithms.md, "DPO").
+
+A step: P pairs (x0_w, x0_l) with their prompt; each pair draws ONE noise eps and ONE timestep t, shared
+by winner and loser; ``x_t = alpha_t x0 + sigma_t eps``; the per-sample error of the denoiser against its
+target (``vialign.losses.denoising_target``: eps, v, or the flow velocity eps - x0)::
+
+    e_w = mean |f_theta(x_t^w, t, c) - target_w|^2        e_l likewise, e_w_ref / e_l_ref under the reference
+    L   = -log sigmoid(-beta / 2 * ((e_w - e_l) - (e_w_ref - e_l_ref)))        (eq. 14; vialign.losses.dpo_loss)
+
+t ~ U{0, ..., T-1} for diffusion models (as Diffusion-DPO's train.py); for flow models t = T * sigmoid(u),
+u ~ N(logit_mean, logit_std^2) (the logit-normal of SD3's training, as flow_grpo's DPO script). The
+reference is the policy with its LoRA disabled (or a frozen copy for full fine-tuning).
+
+``dpo`` reads pairs from ``data.train`` (``vialign.preferences``), encoded once by the VAE.
+``online_dpo`` samples ``samples_per_prompt`` images of each prompt with the current policy, scores them
+with the reward and pairs the best with the worst (their final latents, no re-encode); the reference
+stays the initial model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from pydantic import Field
+
+from pipelines.adapter import Guidance
+from vialign.algorithms.base import Algorithm, TrainingContext, register
+from vialign.data import prompts_for_step
+from vialign.losses import denoising_target, dpo_loss
+from vialign.sampling import Sampler
+from vialign.schema import StrictModel
+
+logger = logging.getLogger(__name__)
+
+
+class DPOSettings(StrictModel):
+    """The ``dpo:`` section."""
+
+    beta: float = Field(
+        ...,
+        gt=0,
+        description="KL strength; published: 5000 (SD 1.5 / SDXL), 100 (SD3.5-M LoRA), ~2000 (FLUX)",
+    )
+    pairs_per_step: int = Field(
+        8, ge=1, le=65536, description="preference pairs per training step (all processes)"
+    )
+    micro_batch_size: int = Field(4, ge=1, le=4096, description="pairs per denoiser call (memory)")
+    logit_mean: float = Field(0.0, description="flow models: mean of the logit-normal t")
+    logit_std: float = Field(1.0, gt=0, description="flow models: std of the logit-normal t")
+
+
+class OnlineDPOSettings(DPOSettings):
+    """The ``online_dpo:`` section."""
+
+    samples_per_prompt: int = Field(4, ge=2, le=1024, description="policy samples per prompt; best vs worst")
+    pairs_per_step: int = Field(8, ge=1, le=4096, description="prompts (one pair each) per training step")
+
+
+def dpo_timesteps(adapter, count: int, settings: DPOSettings, generator: torch.Generator) -> torch.Tensor:
+    """One training timestep per pair, in the adapter's schedule units."""
+    total = adapter.scheduler.config.num_train_timesteps
+    if adapter.kind == "flow":
+        u = torch.randn(count, generator=generator) * settings.logit_std + settings.logit_mean
+        return torch.sigmoid(u) * total
+    return torch.randint(total, (count,), generator=generator).float()
+
+
+def pair_errors(
+    adapter, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond, guidance: Guidance = Guidance()
+) -> torch.Tensor:
+    """Per-sample mean squared error of the conditional denoiser (no CFG; FLUX-dev's guidance embedding
+    if ``guidance`` has one) against its target at ``alpha_t x0 + sigma_t noise``."""
+    alpha, sigma = adapter.coefficients(t.to(adapter.device))
+    alpha, sigma = alpha.view(-1, 1, 1, 1).float(), sigma.view(-1, 1, 1, 1).float()
+    output = adapter.predict(alpha * x0 + sigma * noise, t, cond, guidance)
+    target = denoising_target(adapter.prediction_type, x0.float(), noise.float(), alpha, sigma)
+    return (output.float() - target).square().flatten(1).mean(1)
+
+
+class _PreferenceStep:
+    """The DPO update on a global batch of pairs, shared by the offline and online algorithms."""
+
+    settings: DPOSettings
+    context: TrainingContext
+
+    def dpo_update(
+        self, step: int, prompts: list[str], chosen: torch.Tensor, rejected: torch.Tensor, count: int, lo: int
+    ) -> dict[str, float]:
+        """Accumulate this process's share of the mean DPO loss over ``count`` pairs (all processes) and
+        take the optimizer step. ``prompts``/``chosen``/``rejected`` are this process's pairs, global
+        indices ``lo, lo + 1, ...``; each pair's noise and t come from the (seed, step) generator, so a
+        pair draws the same ones whichever process holds it."""
+        context, settings = self.context, self.settings
+        adapter = context.adapter
+        generator = torch.Generator().manual_seed(context.sample_seed(step, 2**43))
+        # every pair's noise and t, for the whole global batch (the same on every process)
+        t_all = dpo_timesteps(adapter, count, settings, generator)
+        noise_all = torch.randn((count, *chosen.shape[1:]), generator=generator)
+        guidance = Guidance(embedded=context.guidance.embedded)  # the conditional prediction, as trained
+        totals = torch.zeros(5, device=adapter.device)  # loss, accuracy, model_diff, ref_diff, pairs
+        for start in range(0, len(prompts), settings.micro_batch_size):
+            end = min(start + settings.micro_batch_size, len(prompts))
+            n = end - start
+            x0 = torch.cat([chosen[start:end], rejected[start:end]]).to(adapter.device)
+            noise = (
+                noise_all[lo + start : lo + end].repeat(2, 1, 1, 1).to(adapter.device)
+            )  # shared by w and l
+            t = t_all[lo + start : lo + end].repeat(2)
+            cond = adapter.encode_prompt(prompts[start:end] * 2)
+            with torch.no_grad(), context.reference():
+                ref = pair_errors(adapter, x0, noise, t, cond, guidance)
+            with context.train_mode():
+                errors = pair_errors(adapter, x0, noise, t, cond, guidance)
+            out = dpo_loss(errors[:n], errors[n:], ref[:n], ref[n:], settings.beta)
+            context.backward(out.loss.sum() / count)
+            totals += torch.stack(
+                [
+                    out.loss.detach().sum(),
+                    out.implicit_accuracy.sum(),
+                    out.model_diff.sum(),
+                    out.ref_diff.sum(),
+                    torch.tensor(float(n), device=totals.device),
+                ]
+            )
+        grad_norm = context.optimizer_step(step)
+        totals = context.reduce(totals)
+        pairs = totals[4]
+        return {
+            "loss": float(totals[0] / pairs),
+            "implicit_accuracy": float(totals[1] / pairs),
+            "mse_gap/policy": float(totals[2] / pairs),  # mean e_w - e_l
+            "mse_gap/reference": float(totals[3] / pairs),
+            "grad_norm": grad_norm,
+        }
+
+
+@register
+class DPO(_PreferenceStep, Algorithm):
+    """Offline Diffusion-/Flow-DPO on the pairs of ``data.train`` (``context.preferences``)."""
+
+    name = "dpo"
+    Settings = DPOSettings
+    reward = "none"
+    data = "preference_pairs"
+
+    @classmethod
+    def needs_reference(cls, settings: DPOSettings) -> bool:
+        return True
+
+    def __init__(self, settings: DPOSettings, context: TrainingContext):
+        super().__init__(settings, context)
+        if context.preferences is None:
+            raise ValueError("algorithm=dpo needs the trainer to load preference pairs")
+        self.latents = context.preferences
+
+    def step(self, step: int) -> dict[str, float]:
+        count = self.settings.pairs_per_step
+        indices = prompts_for_step(range(len(self.latents.prompts)), step, count, self.context.seed)
+        lo, hi = self.context.local_range(count)
+        mine = torch.tensor(indices[lo:hi], dtype=torch.long)
+        return self.dpo_update(
+            step,
+            [self.latents.prompts[i] for i in indices[lo:hi]],
+            self.latents.chosen[mine],
+            self.latents.rejected[mine],
+            count,
+            lo,
+        )
+
+
+@register
+class OnlineDPO(_PreferenceStep, Algorithm):
+    """Online DPO: pairs from the policy's own ODE samples, best vs worst by the reward (flow_grpo's
+    ``dpo`` mode, with a fixed reference)."""
+
+    name = "online_dpo"
+    Settings = OnlineDPOSettings
+    reward = "any"
+
+    @classmethod
+    def needs_reference(cls, settings: OnlineDPOSettings) -> bool:
+        return True
+
+    def step(self, step: int) -> dict[str, float]:
+        context, settings = self.context, self.settings
+        k = settings.samples_per_prompt
+        batch, lo, hi = context.step_prompts(step, settings.pairs_per_step, repeat=k)
+        if lo % k or hi % k:
+            raise ValueError(
+                f"online_dpo: each process must hold whole groups; make pairs_per_step x samples_per_prompt "
+                f"({len(batch)}) a multiple of {k} x the number of processes"
+            )
+        with torch.no_grad():
+            latents, scores = [], []
+            for start in range(lo, hi, settings.micro_batch_size * k):
+                end = min(start + settings.micro_batch_size * k, hi)
+                final = context.rollout(batch[start:end], step, start, Sampler()).final
+                pixels = context.adapter.decode(final)
+                scores.append(context.reward(pixels, batch[start:end]).score.float().cpu())
+                latents.append(final.float().cpu())
+        latents, scores = torch.cat(latents), torch.cat(scores)
+        if not torch.isfinite(scores).all():
+            raise ValueError("online_dpo: the reward returned NaN or infinite scores")
+        grouped = scores.view(-1, k)
+        best, worst = grouped.argmax(1), grouped.argmin(1)
+        rows = torch.arange(len(grouped)) * k
+        prompts = [batch[lo + int(r)] for r in rows]
+        metrics = self.dpo_update(
+            step, prompts, latents[rows + best], latents[rows + worst], settings.pairs_per_step, lo // k
+        )
+        reward_mean = context.reduce(scores.sum().to(context.adapter.device)) / len(batch)
+        metrics["reward/mean"] = float(reward_mean)
+        metrics["reward/gap"] = float(
+            context.reduce((grouped.max(1).values - grouped.min(1).values).sum().to(context.adapter.device))
+            / settings.pairs_per_step
+        )
+        return metrics

@@ -7,7 +7,8 @@
 Protocol (README, "Alignment on the testbed"): each method trains a LoRA on the shipped ShapeWorld flow
 model from its testbed preset (``METHODS``), on ``shapeworld:align`` with the learned reward
 ``shapeworld-clip`` only (offline DPO: the shipped preference pairs, none on an eval prompt), until ``--budget`` seconds of training (wall clock of the training steps, on
-this machine, nothing else running; evaluation is not counted). It is judged every ``--eval-every``
+this machine, nothing else running; evaluation is not counted). Offline DPO, which makes epochs over a
+fixed set of pairs, also stops at its preset's ``train.max_steps``, where its learning-rate schedule ends. It is judged every ``--eval-every``
 training seconds and at the end, by the trainer's own evaluation: the rule-based oracle on the 18
 ``shapeworld:eval`` prompts x 8 evaluation seeds (seeds no training draws), with the standard error over
 seeds; the oracle on the 108 pretraining prompts x 2 seeds (a regression check); the learned reward on
@@ -44,6 +45,7 @@ METHODS = {
     "dpo": ("configs/quickstart_dpo.yaml", "DPO (offline pairs)"),
     "online_dpo": ("configs/quickstart_online_dpo.yaml", "online DPO"),
 }
+FIXED_DATA = {"dpo"}  # methods that stop at their preset's max_steps (epochs over a fixed dataset)
 # the protocol, the same for every method whatever its preset says
 PROTOCOL = [
     "data.eval=shapeworld:eval",
@@ -80,7 +82,13 @@ def run_method(method: str, config_path: str, budget: float, eval_every: float, 
 
     _quiet_libraries()
     output_dir = tempfile.mkdtemp(prefix=f"alignment-{method}-")
+    preset = load_config(TrainConfig, ROOT / config_path, overrides)
     config = load_config(TrainConfig, ROOT / config_path, [*PROTOCOL, f"output_dir={output_dir}", *overrides])
+    # offline DPO trains epochs over a fixed set of pairs: it stops at its preset's max_steps (where its
+    # learning-rate schedule ends) even inside the budget; every other method trains until the budget
+    max_steps = preset.train.max_steps if method in FIXED_DATA else None
+    if max_steps is not None:
+        config.train.max_steps = max_steps
     # prompt algorithms train on shapeworld:align; preference algorithms on the shipped pairs, from which
     # the shapeworld:eval prompts are removed (vialign.preferences)
     config.data.train = "shapeworld:preferences" if method == "dpo" else "shapeworld:align"
@@ -102,12 +110,12 @@ def run_method(method: str, config_path: str, budget: float, eval_every: float, 
 
     evaluate(0, 0.0)
     seconds, step, next_eval = 0.0, 0, eval_every
-    while seconds < budget:
+    while seconds < budget and (max_steps is None or step < max_steps):
         step += 1
         start = time.perf_counter()
         trainer.algorithm.step(step)
         seconds += time.perf_counter() - start
-        if seconds >= next_eval and seconds < budget:
+        if seconds >= next_eval and seconds < budget and step != max_steps:
             evaluate(step, seconds)
             next_eval += eval_every
     evaluate(step, seconds)
@@ -185,7 +193,7 @@ def plot(results: list[dict], path: Path) -> None:
         axis.grid(alpha=0.3)
     axes[0].legend()
     figure.suptitle(
-        "Learned reward only, judged by the oracle (± 1 SE over seeds; evaluation time not counted)"
+        "Learned reward only (offline DPO: oracle-labelled pairs), judged by the oracle (± 1 SE; eval time not counted)"
     )
     figure.tight_layout()
     figure.savefig(path)

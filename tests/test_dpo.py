@@ -138,7 +138,68 @@ def test_shipped_pairs_never_hold_an_eval_prompt():
 
     data = read_preference_pairs("shapeworld:preferences")
     prompts = {pair.prompt for pair in data.pairs}
-    assert len(data.pairs) == 140 and not prompts & set(sw.eval_prompts())  # 169 shipped, 29 on eval prompts
+    assert len(data.pairs) == 587 and not prompts & set(sw.eval_prompts())  # 705 shipped, 118 on eval prompts
+
+
+def test_implicit_accuracy_rises_on_held_back_pairs(tmp_path, quiet_libraries):
+    """A short offline Flow-DPO run on the testbed (its preset, 300 steps) trained on four fifths of the
+    shipped pairs: on the fifth held back, at fixed noise and t, the margin (e_w - e_l) - (e_w_ref -
+    e_l_ref) is exactly 0 before training (policy = reference) and afterwards negative on average (more
+    than two standard errors over pairs) and on more than 55% of the pairs."""
+    from vialign.algorithms.dpo import dpo_timesteps, pair_errors
+    from vialign.preferences import encode_pairs
+
+    pairs = read_preference_pairs("shapeworld:preferences").pairs
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0)).tolist()
+    held, trained = [pairs[i] for i in order[:120]], [pairs[i] for i in order[120:]]
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text(
+        "".join(
+            json.dumps({"prompt": p.prompt, "chosen": str(p.chosen), "rejected": str(p.rejected)}) + "\n"
+            for p in trained
+        )
+    )
+    config = load_config(
+        TrainConfig,
+        Path(__file__).resolve().parents[1] / "configs" / "quickstart_dpo.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={train_file}",
+            "train.max_steps=300",
+            "train.eval_every=0",
+            "train.checkpoint_every=0",
+            "train.tensorboard=false",
+        ],
+    )
+    trainer = Trainer(config, progress=False)
+    adapter, settings = trainer.adapter, config.settings
+    height, width = trainer.image_size()
+    latents = encode_pairs(held, adapter, height, width)
+    draws = 32  # noise and t draws per held-back pair (the margin of one draw is mostly t-noise)
+    generator = torch.Generator().manual_seed(1)
+    index = torch.arange(len(held)).repeat(draws)
+    t = dpo_timesteps(adapter, len(index), settings, generator)
+    noise = torch.randn((len(index), *latents.chosen.shape[1:]), generator=generator)
+    cond = adapter.encode_prompt([latents.prompts[i] for i in index] * 2)
+    x0 = torch.cat([latents.chosen[index], latents.rejected[index]])
+
+    def margins() -> torch.Tensor:
+        with torch.no_grad():
+            policy = pair_errors(adapter, x0, noise.repeat(2, 1, 1, 1), t.repeat(2), cond)
+            with adapter.lora_disabled():
+                ref = pair_errors(adapter, x0, noise.repeat(2, 1, 1, 1), t.repeat(2), cond)
+        n = len(index)
+        return ((policy[:n] - policy[n:]) - (ref[:n] - ref[n:])).view(draws, -1).mean(0)  # per pair
+
+    before = margins()
+    trainer.train()
+    after = margins()
+    assert before.abs().max() < 1e-6
+    accuracy = float((after < 0).float().mean())
+    mean, se = float(after.mean()), float(after.std() / math.sqrt(len(after)))
+    print(f"held-back implicit accuracy {accuracy:.3f}, mean margin {mean:.2e} ± {se:.1e}")
+    # measured: 0.575 of the 120 pairs, mean -3.8e-4 ± 1.3e-4: a real but modest held-back gain
+    assert accuracy > 0.55 and mean < -2 * se, (accuracy, mean, se)
 
 
 def dpo_config(tmp_path, model, pair_file, **overrides) -> TrainConfig:

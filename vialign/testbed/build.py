@@ -35,6 +35,10 @@ from vialign.testbed import components, evaluate, train
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "assets" / "shapeworld"
 HEADROOM = (0.30, 0.65)  # held-out oracle accuracy of the shipped generators: room for +10 points
+# the shipped preference pairs: flow-generator samples of every prompt at these seeds, up to this many
+# (correct, incorrect) pairs per prompt (offline DPO overfits 140 pairs within a minute of training)
+PREFERENCE_SEEDS = range(64)
+PAIRS_PER_PROMPT = 8
 
 
 @dataclass
@@ -47,9 +51,20 @@ class Steps:
     eval_every: int = 300
     reward_seeds: int = 16  # generated samples per prompt for the reward model
     eval_seeds: int = 4
+    preference_seeds: int = len(PREFERENCE_SEEDS)  # samples per prompt the preference pairs come from
 
 
-QUICK = Steps(vae=20, clip=20, flow=20, unet=20, reward=10, eval_every=10, reward_seeds=2, eval_seeds=1)
+QUICK = Steps(
+    vae=20,
+    clip=20,
+    flow=20,
+    unet=20,
+    reward=10,
+    eval_every=10,
+    reward_seeds=2,
+    eval_seeds=1,
+    preference_seeds=2,
+)
 
 
 def make_adapter(pipe, family_cls):
@@ -133,7 +148,16 @@ def export_preferences(samples: evaluate.Samples, folder: Path, per_prompt: int 
     return len(rows)
 
 
-def report(out: Path, log=print) -> dict:
+def write_preferences(adapter, folder: Path, seeds: range = PREFERENCE_SEEDS) -> int:
+    """(Re)write the shipped preference pairs from ``adapter`` (the flow generator); returns the count."""
+    for old in folder.glob("*.png"):
+        old.unlink()
+    all_prompts = [s.prompt for s in sw.all_scenes()]
+    samples = evaluate.generate(adapter, all_prompts, seeds)
+    return export_preferences(samples, folder, per_prompt=PAIRS_PER_PROMPT)
+
+
+def report(out: Path, log=print, preference_seeds: range = PREFERENCE_SEEDS) -> dict:
     """The README's figures, measured on the saved folders (float16 weights, loaded as users load them):
     held-out oracle accuracy over 36 prompts x 8 seeds, training-prompt accuracy, best-of-8 with the
     learned reward, its AUC on unseen seeds."""
@@ -156,10 +180,7 @@ def report(out: Path, log=print) -> dict:
         figures[f"{kind}_reward_auc_held_out"] = evaluate.auc(scores, held_report.correct)
         log(f"report {kind}: " + ", ".join(f"{k} {v}" for k, v in figures.items() if k.startswith(kind)))
         if kind == "flow":
-            all_prompts = [s.prompt for s in sw.all_scenes()]
-            figures["preference_pairs"] = export_preferences(
-                evaluate.generate(adapter, all_prompts, range(16)), out / "preferences"
-            )
+            figures["preference_pairs"] = write_preferences(adapter, out / "preferences", preference_seeds)
             # README grid: 6 training and 6 held-out prompts (rows) x 8 seeds
             rng = np.random.default_rng(0)
             rows = [
@@ -185,7 +206,24 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="only re-measure the saved models (README figures)"
     )
+    parser.add_argument(
+        "--preferences-only",
+        action="store_true",
+        help="only rewrite the preference pairs from the saved flow generator",
+    )
     args = parser.parse_args(argv)
+    if args.preferences_only:
+        from pipelines import load_pipeline
+
+        metrics_file = args.out / "metrics.json"
+        metrics = json.loads(metrics_file.read_text())
+        count = write_preferences(
+            load_pipeline(str(args.out / "flow"), device="cpu"), args.out / "preferences"
+        )
+        metrics.setdefault("readme", {})["preference_pairs"] = count
+        metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {count} preference pairs to {args.out / 'preferences'}")
+        return
     if args.report_only:
         metrics_file = args.out / "metrics.json"
         metrics = json.loads(metrics_file.read_text())
@@ -276,7 +314,7 @@ def main(argv=None) -> None:
     (out / "prompts" / "train.txt").write_text("\n".join(sw.train_prompts()) + "\n")
     (out / "prompts" / "held_out.txt").write_text("\n".join(sw.held_out_prompts()) + "\n")
     metrics["timing_seconds"]["training_total"] = round(time.time() - start)
-    metrics["readme"] = report(out, log)
+    metrics["readme"] = report(out, log, range(steps.preference_seeds))
     metrics["timing_seconds"]["total"] = round(time.time() - start)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(f"done in {metrics['timing_seconds']['total']} s; wrote {out}")

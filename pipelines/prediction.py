@@ -60,3 +60,23 @@ def convert_prediction(
     if prediction_type == "flow":
         return Prediction(x0=x - s * output, eps=x + a * output)
     raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
+def prediction_output(
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    alpha: float | torch.Tensor,
+    sigma: float | torch.Tensor,
+    prediction_type: str,
+) -> torch.Tensor:
+    """The model output that :func:`convert_prediction` maps back to ``(x0, eps)`` (its inverse)."""
+    a, s = per_sample(alpha, x0), per_sample(sigma, x0)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return a * eps - s * x0
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "flow":
+        return eps - x0
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")

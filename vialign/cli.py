@@ -45,6 +45,8 @@ SAMPLE_FLAGS = {
     "device": ("model.device", "--device"),
     "lora": ("model.lora", "--lora"),
     "overwrite": ("overwrite", "--overwrite"),
+    "steer": ("steer.method", "--steer"),
+    "particles": ("steer.particles", "--particles"),
 }
 
 
@@ -90,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--overwrite", action="store_const", const=True, help="replace an existing samples.jsonl in DIR"
     )
+    sample.add_argument(
+        "--steer",
+        help="inference-time alignment with --reward: best-of-n, smc, reno or guidance (options: steer.*)",
+    )
+    sample.add_argument(
+        "--reward",
+        action="append",
+        metavar="NAME[=WEIGHT]",
+        help="the steering reward and its weight (repeatable); see vialign score --list-rewards",
+    )
+    sample.add_argument(
+        "--reward-option", action="append", metavar="NAME.KEY=VALUE", help="an option of one steering reward"
+    )
+    sample.add_argument("--particles", help="N: best-of-N candidates or SMC particles per prompt (default 4)")
 
     score = commands.add_parser(
         "score",
@@ -249,11 +265,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from vialign.config import SampleConfig, load_config
     from vialign.sample import run_sample
 
+    values = _flag_values(args, SAMPLE_FLAGS)
+    rewards_given = _reward_flags(args)
+    if rewards_given:
+        values["steer.rewards"] = rewards_given
     config = load_config(
         SampleConfig,
         args.config,
         args.overrides,
-        _flag_values(args, SAMPLE_FLAGS),
+        values,
         flags={key: flag for key, flag in SAMPLE_FLAGS.values()},
     )
     _quiet_libraries()

@@ -95,6 +95,86 @@ class SamplerConfig(StrictModel):
         return self
 
 
+class RewardSpec(StrictModel):
+    """One reward of a weighted combination."""
+
+    weight: float = Field(1.0, description="weight in the total (scores are summed with these weights)")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="options of rewards.load_reward(name, ...)"
+    )
+
+
+class SMCConfig(StrictModel):
+    """``steer.smc``: Feynman-Kac steering (vialign.steering.smc)."""
+
+    potential: Literal["diff", "max", "add", "rt"] = Field(
+        "diff", description="diff: exp(lam (r - r_prev)); max, add, rt: see docs/steering.md"
+    )
+    lam: float = Field(10.0, ge=0, le=1e6, description="potential sharpness (0: no steering)")
+    every: int = Field(5, ge=1, le=1000, description="resample every this many steps ...")
+    start: int = Field(0, ge=0, le=1000, description="... from this step ...")
+    end: int | None = Field(
+        None, ge=0, le=1000, description="... to this step (default the last); plus the last"
+    )
+    adaptive: bool = Field(False, description="resample only when the effective sample size < particles / 2")
+    reward_floor: float = Field(0.0, description="r_prev before the first resampling step")
+
+
+class RenoConfig(StrictModel):
+    """``steer.reno``: noise optimisation (vialign.steering.reno)."""
+
+    iterations: int = Field(50, ge=1, le=10000, description="reward evaluations; the best iterate is kept")
+    lr: float = Field(5.0, gt=0, description="SGD (Nesterov) learning rate on the noise")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    grad_clip: float = Field(0.1, gt=0, description="gradient-norm clip of each image's noise")
+    reg_weight: float = Field(0.01, ge=0, description="weight of the chi log-density regulariser on |z|")
+
+
+class GuidanceConfig(StrictModel):
+    """``steer.guidance``: reward-gradient guidance (vialign.steering.guidance)."""
+
+    scale: float = Field(1.0, ge=0, le=1e6, description="s in eps <- eps - s sigma_t grad r")
+    start: int = Field(0, ge=0, le=1000, description="first guided step")
+    stop: int | None = Field(
+        None, ge=1, le=1000, description="guided steps end before this one (default all)"
+    )
+
+
+class SteerConfig(StrictModel):
+    """``steer``: inference-time alignment with a reward (vialign.steering)."""
+
+    method: Literal["best-of-n", "smc", "reno", "guidance"] | None = Field(
+        None, description="best-of-n, smc, reno or guidance; none: plain sampling"
+    )
+    rewards: dict[str, RewardSpec] = Field(
+        default_factory=dict, description="reward name -> weight and options (the steering reward)"
+    )
+    particles: int = Field(
+        4, ge=1, le=4096, description="N: best-of-N candidates or SMC particles per prompt"
+    )
+    smc: SMCConfig = Field(default_factory=SMCConfig)
+    reno: RenoConfig = Field(default_factory=RenoConfig)
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+
+    @model_validator(mode="after")
+    def _method_needs_reward(self) -> SteerConfig:
+        if self.method is None and self.rewards:
+            raise ValueError(
+                "rewards are given but no method: set steer.method (--steer best-of-n|smc|reno|guidance)"
+            )
+        if self.method is not None and not self.rewards:
+            raise ValueError(
+                f"--steer {self.method} needs a reward: pass --reward NAME[=WEIGHT] (steer.rewards)"
+            )
+        if self.smc.end is not None and self.smc.end < self.smc.start:
+            raise ValueError(f"smc.end ({self.smc.end}) must be >= smc.start ({self.smc.start})")
+        if self.guidance.stop is not None and self.guidance.stop <= self.guidance.start:
+            raise ValueError(
+                f"guidance.stop ({self.guidance.stop}) must be > guidance.start ({self.guidance.start})"
+            )
+        return self
+
+
 class SampleConfig(StrictModel):
     """``vialign sample``: generate PNGs and a samples.jsonl index."""
 
@@ -110,15 +190,26 @@ class SampleConfig(StrictModel):
     batch_size: int = Field(4, ge=1, le=4096, description="images per denoiser batch")
     out: str = Field("samples", description="output folder")
     overwrite: bool = Field(False, description="replace an earlier run's samples.jsonl in the output folder")
+    steer: SteerConfig = Field(default_factory=SteerConfig)
 
-
-class RewardSpec(StrictModel):
-    """One reward of a weighted combination."""
-
-    weight: float = Field(1.0, description="weight in the total (scores are summed with these weights)")
-    options: dict[str, Any] = Field(
-        default_factory=dict, description="options of rewards.load_reward(name, ...)"
-    )
+    @model_validator(mode="after")
+    def _steering_fits_the_sampler(self) -> SampleConfig:
+        method = self.steer.method
+        if method == "smc" and self.sampler.kind != "sde":
+            raise ValueError(
+                "--steer smc resamples stochastic particles: set --sampler sde (sampler.kind=sde; SDEs: "
+                "ddim for UNet models, flow-sde, dance-sde or cps for flow models)"
+            )
+        steps = self.sampler.num_steps
+        if steps is not None and method == "smc":
+            last = max(self.steer.smc.start, self.steer.smc.end or 0)
+            if last >= steps:
+                raise ValueError(
+                    f"steer.smc resampling window reaches step {last}, past the last of {steps} steps"
+                )
+        if steps is not None and method == "guidance" and (self.steer.guidance.stop or 0) > steps:
+            raise ValueError(f"steer.guidance.stop ({self.steer.guidance.stop}) is past the {steps} steps")
+        return self
 
 
 class ScoreConfig(StrictModel):

@@ -112,8 +112,133 @@ class SampleReport:
     width: int
 
 
+def check_steering(config: SampleConfig) -> None:
+    """Everything about ``steer`` that can be wrong, checked before any model loads: reward names, their
+    gradients (ReNO, guidance), the resampling / guidance window against the model's default steps."""
+    from pipelines.loading import model_defaults
+    from vialign.steering import DIFFERENTIABLE_METHODS, GuidanceSettings, SMCSettings
+
+    steer = config.steer
+    if steer.method is None:
+        return
+    import rewards
+
+    known = {info.name: info for info in rewards.list_rewards()}
+    for name in steer.rewards:
+        if name not in known:
+            rewards.load_reward(name)  # raises the helpful unknown-name error
+    if steer.method in DIFFERENTIABLE_METHODS:
+        for name in steer.rewards:
+            if not known[name].differentiable:
+                usable = [i.name for i in known.values() if i.differentiable and not i.judge]
+                raise VialignInputError(
+                    f"--steer {steer.method} follows the reward's gradient, but {name!r} is not differentiable; "
+                    f"use one of: {', '.join(usable)} (or --steer best-of-n / smc, which need no gradient)"
+                )
+    num_steps = config.sampler.num_steps
+    if num_steps is None:
+        try:
+            num_steps = int(model_defaults(config.model.path).get("num_steps", 20))
+        except Exception:  # a hub id without a local folder: checked again once the model is loaded
+            return
+    if steer.method == "smc":
+        problem = SMCSettings(**steer.smc.model_dump()).problem(num_steps)
+    elif steer.method == "guidance":
+        problem = GuidanceSettings(**steer.guidance.model_dump()).problem(num_steps)
+    else:
+        problem = None
+    if problem:
+        raise VialignInputError(f"{problem} (sampler.num_steps={num_steps})")
+
+
+def load_steering_reward(config: SampleConfig, device: torch.device):
+    """The weighted steering reward of ``steer.rewards``, frozen, on ``device``."""
+    import rewards
+
+    specs = config.steer.rewards
+    reward = rewards.combine(
+        {n: s.weight for n, s in specs.items()}, {n: s.options for n, s in specs.items()}
+    )
+    reward = reward.to(device).eval()
+    for p in reward.parameters():
+        p.requires_grad_(False)
+    return reward
+
+
+def steer_batches(
+    adapter: GeneratorAdapter,
+    reward,
+    config: SampleConfig,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    setup,
+) -> Iterator[tuple[list[int], object, float]]:
+    """Yield ``(indices, SteeringResult, seconds)`` for consecutive chunks of prompts."""
+    import time
+
+    from vialign import steering
+
+    steer = config.steer
+    per_chunk = config.batch_size
+    if steer.method in ("best-of-n", "smc"):
+        per_chunk = max(1, config.batch_size // steer.particles)
+    for start in range(0, len(prompts), per_chunk):
+        indices = list(range(start, min(start + per_chunk, len(prompts))))
+        chunk_prompts, chunk_seeds = [prompts[i] for i in indices], [seeds[i] for i in indices]
+        began = time.perf_counter()
+        common = dict(batch_size=config.batch_size)
+        if steer.method == "best-of-n":
+            result = steering.best_of_n(
+                adapter, reward, chunk_prompts, chunk_seeds, setup, n=steer.particles, **common
+            )
+        elif steer.method == "smc":
+            result = steering.smc(
+                adapter,
+                reward,
+                chunk_prompts,
+                chunk_seeds,
+                setup,
+                particles=steer.particles,
+                settings=steering.SMCSettings(**steer.smc.model_dump()),
+                **common,
+            )
+        elif steer.method == "reno":
+            result = steering.reno(
+                adapter,
+                reward,
+                chunk_prompts,
+                chunk_seeds,
+                setup,
+                settings=steering.RenoSettings(**steer.reno.model_dump()),
+                **common,
+            )
+        else:
+            result = steering.reward_guidance(
+                adapter,
+                reward,
+                chunk_prompts,
+                chunk_seeds,
+                setup,
+                settings=steering.GuidanceSettings(**steer.guidance.model_dump()),
+                **common,
+            )
+        yield indices, result, time.perf_counter() - began
+
+
+def steer_settings(config: SampleConfig) -> dict:
+    """What ``samples.jsonl`` records of the steering method and its options."""
+    steer = config.steer
+    options: dict = {"rewards": {n: spec.weight for n, spec in steer.rewards.items()}}
+    if steer.method in ("best-of-n", "smc"):
+        options["particles"] = steer.particles
+    if steer.method in ("smc", "reno", "guidance"):
+        options.update(getattr(steer, steer.method).model_dump())
+    return {"steer": steer.method, "steer_options": options}
+
+
 def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
     """The ``vialign sample`` job: validate everything, load the model, sample, write files."""
+    check_steering(config)
     prompts = list(config.prompts) + (read_prompts(config.prompts_file) if config.prompts_file else [])
     if not prompts:
         raise VialignInputError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
@@ -158,33 +283,58 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
         "width": width,
         "dtype": model.dtype,
     }
+    if config.steer.method is not None:
+        from vialign.steering import SamplingSetup
+
+        setup = SamplingSetup(
+            adapter.schedule(num_steps, height, width),
+            height,
+            width,
+            guidance,
+            sampler,
+            sampler_config.negative_prompt,
+        )
+        settings.update(steer_settings(config))
+        reward = load_steering_reward(config, adapter.device)  # before any file is opened
+        batches = (
+            (indices, result.pixels, result, seconds)
+            for indices, result, seconds in steer_batches(adapter, reward, config, prompts, seeds, setup)
+        )
+    else:
+        batches = (
+            (indices, pixels, None, None)
+            for indices, pixels in generate_images(
+                adapter,
+                prompts,
+                seeds,
+                num_steps=num_steps,
+                height=height,
+                width=width,
+                guidance=guidance,
+                sampler=sampler,
+                negative_prompt=sampler_config.negative_prompt,
+                batch_size=config.batch_size,
+            )
+        )
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     with (
         open(index_path, "w", encoding="utf-8") as index,
         tqdm(total=len(prompts), unit="img", desc="vialign sample", disable=not progress) as bar,
     ):
-        for indices, pixels in generate_images(
-            adapter,
-            prompts,
-            seeds,
-            num_steps=num_steps,
-            height=height,
-            width=width,
-            guidance=guidance,
-            sampler=sampler,
-            negative_prompt=sampler_config.negative_prompt,
-            batch_size=config.batch_size,
-        ):
-            for i, image in zip(indices, to_uint8(pixels)):
+        for indices, pixels, steered, seconds in batches:
+            for row, (i, image) in enumerate(zip(indices, to_uint8(pixels))):
                 path = out / f"{i:05d}.png"
                 save_png(image, path)  # the PNG first: the index never names a missing file
-                index.write(
-                    json.dumps(
-                        {"file": path.name, "prompt": prompts[i], "seed": seeds[i], "index": i, **settings}
+                record = {"file": path.name, "prompt": prompts[i], "seed": seeds[i], "index": i, **settings}
+                if steered is not None:
+                    record.update(
+                        steer_reward=float(steered.reward[row]),
+                        nfe=round(steered.model_calls, 2),  # denoiser evaluations per image
+                        wall_s=round(seconds / len(indices), 3),  # the chunk's time, per image
+                        steer_details=steered.details[row],
                     )
-                    + "\n"
-                )
+                index.write(json.dumps(record) + "\n")
                 files.append(path)
             index.flush()
             bar.update(len(indices))

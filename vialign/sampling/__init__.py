@@ -11,6 +11,7 @@ from vialign.sampling.ddim import ddim_step
 from vialign.sampling.flow import cps_step, dance_sde_step, flow_ode_step, flow_sde_step
 from vialign.sampling.gaussian import StepOutput, gaussian_log_prob
 from vialign.sampling.rollout import (
+    StepHook,
     Trajectory,
     draw_noise,
     evaluate_step,
@@ -31,6 +32,7 @@ from vialign.sampling.sampler import (
 __all__ = [
     "SDE_KINDS",
     "Sampler",
+    "StepHook",
     "StepOutput",
     "Trajectory",
     "cps_step",

@@ -39,6 +39,7 @@ class StepOutput:
     mean: torch.Tensor  # [B, ...] float32, E[x_{k+1} | x_k]
     std: torch.Tensor  # 0-d or [B, 1, ...] float32, standard deviation of x_{k+1} | x_k
     log_prob: torch.Tensor | None  # [B] float32, log-density of x_next, summed over latent dims
+    x0: torch.Tensor | None = None  # [B, ...] float32, the denoiser's x0 prediction at x_k (sampler_step)
 
     @property
     def log_prob_per_dim(self) -> torch.Tensor | None:

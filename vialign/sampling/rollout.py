@@ -17,7 +17,7 @@ Choose ``m`` = the training micro-batch size; smaller micro-batches waste the pa
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,6 +32,22 @@ from vialign.sampling.gaussian import StepOutput
 from vialign.sampling.sampler import Sampler, sampler_step
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+class StepHook:
+    """Steering inside :func:`rollout` (``vialign.steering``); the defaults change nothing.
+
+    ``predict`` gives the model output step ``k`` uses at ``x`` (reward guidance moves it);
+    ``resample`` sees x_{k+1} and the x0 prediction of step ``k`` and returns ancestor indices [B] (SMC)
+    or None. ``rollout`` then re-indexes the samples, their recorded states and log-probs, so every row
+    of the trajectory stays one particle's ancestral path.
+    """
+
+    def predict(self, k: int, x: torch.Tensor, model: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return model(x)
+
+    def resample(self, k: int, x_next: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor | None:
+        return None
 
 
 @dataclass
@@ -81,9 +97,12 @@ def draw_noise(generator: Generators, shape: Sequence[int], device: torch.device
 
 
 def _step_once(
-    adapter, schedule, sampler, k, x, cond, uncond, guidance, stochastic, noise, prev
+    adapter, schedule, sampler, k, x, cond, uncond, guidance, stochastic, noise, prev, hook=None
 ) -> StepOutput:
-    output = adapter.predict(x, schedule.timesteps[k], cond, guidance, uncond)
+    def model(x_in: torch.Tensor) -> torch.Tensor:
+        return adapter.predict(x_in, schedule.timesteps[k], cond, guidance, uncond)
+
+    output = model(x) if hook is None else hook.predict(k, x, model)
     return sampler_step(
         sampler,
         schedule,
@@ -111,11 +130,17 @@ def evaluate_step(
     noise: torch.Tensor | None = None,
     prev: torch.Tensor | None = None,
     model_batch_size: int | None = None,
+    hook: StepHook | None = None,
 ) -> StepOutput:
-    """Step ``k`` for a batch; with ``model_batch_size`` every denoiser call has exactly that many rows."""
+    """Step ``k`` for a batch; with ``model_batch_size`` every denoiser call has exactly that many rows.
+    ``hook.predict`` (whole batch only) replaces the model call."""
     batch = x.shape[0]
     if model_batch_size is None:
-        return _step_once(adapter, schedule, sampler, k, x, cond, uncond, guidance, stochastic, noise, prev)
+        return _step_once(
+            adapter, schedule, sampler, k, x, cond, uncond, guidance, stochastic, noise, prev, hook
+        )
+    if hook is not None:
+        raise VialignInputError("a steering hook runs on the whole batch: leave model_batch_size unset")
     if model_batch_size < 1:
         raise VialignInputError(f"model_batch_size must be >= 1, got {model_batch_size}")
     parts: list[StepOutput] = []
@@ -143,6 +168,7 @@ def evaluate_step(
                 mean=out.mean[:size],
                 std=out.std[:size] if out.std.ndim else out.std,
                 log_prob=None if out.log_prob is None else out.log_prob[:size],
+                x0=None if out.x0 is None else out.x0[:size],
             )
         )
     std = torch.cat([p.std for p in parts]) if parts[0].std.ndim else parts[0].std
@@ -151,6 +177,7 @@ def evaluate_step(
         mean=torch.cat([p.mean for p in parts]),
         std=std,
         log_prob=None if parts[0].log_prob is None else torch.cat([p.log_prob for p in parts]),
+        x0=None if parts[0].x0 is None else torch.cat([p.x0 for p in parts]),
     )
 
 
@@ -170,6 +197,7 @@ def rollout(
     offload: bool = False,
     stop: int | None = None,
     progress: bool = False,
+    hook: StepHook | None = None,
 ) -> Trajectory:
     """Sample a batch from ``latents`` (x_0) along ``schedule`` and record the trajectory.
 
@@ -187,6 +215,7 @@ def rollout(
         stop: run steps 0 .. stop-1 only (ReFL stops part-way); ``final`` is then x_stop and ``latents``
             holds x_0 .. x_stop. Default: every step.
         progress: show a progress bar over steps.
+        hook: a :class:`StepHook` (steering: reward guidance, SMC resampling).
     """
     batch, num_steps = latents.shape[0], schedule.num_steps
     sampler.check(schedule)
@@ -209,7 +238,7 @@ def rollout(
 
         def step(
             x_in: torch.Tensor, noise_in: torch.Tensor | None, k: int = k
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             out = evaluate_step(
                 adapter,
                 schedule,
@@ -222,22 +251,31 @@ def rollout(
                 stochastic=bool(stochastic[k]),
                 noise=noise_in,
                 model_batch_size=model_batch_size,
+                hook=hook,
             )
             log_prob = out.log_prob if out.log_prob is not None else torch.zeros(batch, device=x_in.device)
-            return out.x_next, log_prob
+            return out.x_next, log_prob, out.x0
 
         if k >= stop - grad_steps:
             saved = torch.autograd.graph.save_on_cpu() if offload else contextlib.nullcontext()
             with torch.enable_grad(), saved:
                 if checkpoint:
-                    x, log_prob = torch.utils.checkpoint.checkpoint(step, x, noise, use_reentrant=False)
+                    x, log_prob, x0_hat = torch.utils.checkpoint.checkpoint(
+                        step, x, noise, use_reentrant=False
+                    )
                 else:
-                    x, log_prob = step(x, noise)
+                    x, log_prob, x0_hat = step(x, noise)
         else:
             with torch.no_grad():
-                x, log_prob = step(x, noise)
+                x, log_prob, x0_hat = step(x, noise)
         states.append(x.detach())
         log_probs[:, k] = log_prob.detach()
+        if hook is not None:
+            ancestors = hook.resample(k, x.detach(), x0_hat.detach())
+            if ancestors is not None:
+                ancestors = ancestors.to(x.device)
+                x, log_probs = x[ancestors], log_probs[ancestors]
+                states = [state[ancestors] for state in states]
     return Trajectory(
         latents=torch.stack(states, dim=1),
         log_probs=log_probs,

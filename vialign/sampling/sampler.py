@@ -7,11 +7,11 @@ function of the right family.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from pipelines.prediction import convert_prediction
+from pipelines.prediction import convert_prediction, per_sample
 from pipelines.schedules import Schedule
 from vialign.errors import VialignInputError
 from vialign.sampling.ddim import ddim_step
@@ -116,24 +116,27 @@ def sampler_step(
     prev: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> StepOutput:
-    """Step ``k`` (x_k -> x_{k+1}) of ``schedule`` from the denoiser's ``model_output`` at x_k."""
+    """Step ``k`` (x_k -> x_{k+1}) of ``schedule`` from the denoiser's ``model_output`` at x_k; the
+    output's ``x0`` is the denoiser's x0 prediction at x_k (what steering scores)."""
     sigma, sigma_next = schedule.sigmas[k], schedule.sigmas[k + 1]
     alpha, alpha_next = schedule.alphas[k], schedule.alphas[k + 1]
     if schedule.kind == "flow":
-        v = (
-            model_output
-            if prediction_type == "flow"
-            else convert_prediction(model_output, x, alpha, sigma, prediction_type).velocity
-        )
+        if prediction_type == "flow":
+            v = model_output
+            x0 = x.float() - per_sample(sigma, x) * v.float()
+        else:
+            pred = convert_prediction(model_output, x, alpha, sigma, prediction_type)
+            v, x0 = pred.velocity, pred.x0
         if not stochastic:
-            return flow_ode_step(x, v, sigma, sigma_next)
+            return replace(flow_ode_step(x, v, sigma, sigma_next), x0=x0)
         step = {"flow-sde": flow_sde_step, "dance-sde": dance_sde_step, "cps": cps_step}[sampler.sde]
-        return step(
+        out = step(
             x, v, sigma, sigma_next, noise_level=sampler.level, noise=noise, prev=prev, generator=generator
         )
+        return replace(out, x0=x0)
     pred = convert_prediction(model_output, x, alpha, sigma, prediction_type)
     eta = sampler.level if stochastic else 0.0
-    return ddim_step(
+    out = ddim_step(
         pred.x0,
         pred.eps,
         alpha,
@@ -145,3 +148,4 @@ def sampler_step(
         prev=prev,
         generator=generator,
     )
+    return replace(out, x0=pred.x0)

@@ -36,3 +36,19 @@ def test_pipelines_and_rewards_do_not_import_vialign():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_every_package_is_listed_for_the_wheel():
+    """pyproject lists packages explicitly: a new sub-package missing there imports from a checkout or an
+    editable install but is absent from the wheel users install."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(root).parts)
+        for top in ("vialign", "rewards", "pipelines")
+        for init in (root / top).rglob("__init__.py")
+    }
+    assert found <= listed, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"

@@ -1,6 +1,6 @@
 """Inference-time steering on the alignment protocol: each method against plain sampling at the same seeds.
 
-    python benchmarks/steering.py                      # every method, ~25 minutes on 2 CPU cores
+    python benchmarks/steering.py                      # every method, ~20 minutes on 2 CPU cores
     python benchmarks/steering.py --methods best-of-n smc --out /tmp/steer
     python benchmarks/steering.py --replot             # redraw table and plot from OUT/steering.json
 
@@ -31,8 +31,8 @@ SETTINGS = {  # method -> list of (label, options)
     "smc": [(f"SMC, {n} particles", {"particles": n}) for n in (2, 4, 8)],
     # one 50-iteration run per learning rate, judged at 10, 25 and 50 iterations (best iterate so far);
     # lr 0.5: the reference's relative step (lr x clip / |z|) on SD 1.5's 16384-dim latent, here 256 dims
-    "reno": [(f"ReNO, {k} iterations", {"iterations": k, "lr": 5.0}) for k in (10, 25, 50)]
-    + [(f"ReNO lr 0.5, {k} iterations", {"iterations": k, "lr": 0.5}) for k in (10, 25, 50)],
+    "reno": [(f"ReNO, {k} iterations", {"iterations": k, "lr": 5.0}) for k in (5, 10, 25, 50)]
+    + [(f"ReNO lr 0.5, {k} iterations", {"iterations": k, "lr": 0.5}) for k in (5, 10, 25, 50)],
     "guidance": [(f"guidance, scale {s:g}", {"scale": s}) for s in (0.5, 2.0)],
 }
 
@@ -204,8 +204,15 @@ def main() -> None:
     parser.add_argument(
         "--reno-seeds",
         type=int,
-        default=2,
-        help="evaluation seeds per prompt for ReNO (its cost: 50 x 3 chains)",
+        default=8,
+        help="evaluation seeds per prompt for ReNO (fewer for a quicker run: 50 iterations cost ~100 chains)",
+    )
+    parser.add_argument(
+        "--reno-budgets",
+        type=int,
+        nargs="+",
+        default=[5, 10, 25, 50],
+        help="ReNO iterations judged (one run)",
     )
     parser.add_argument("--replot", action="store_true")
     args = parser.parse_args()
@@ -242,10 +249,14 @@ def main() -> None:
                 baseline = f"plain ODE, ReNO's {len(few_prompts)} images"
                 row = {"label": baseline, **run("plain", {}, adapter, reward, few_prompts, few_seeds)}
                 rows = [r for r in rows if r["label"] != baseline] + [row]
+                SETTINGS["reno"] = [
+                    (f"ReNO{'' if lr == 5.0 else f' lr {lr:g}'}, {k} iterations", {"iterations": k, "lr": lr})
+                    for lr in (5.0, 0.5)
+                    for k in args.reno_budgets
+                ]
                 measured = []
-                for lr in dict.fromkeys(options["lr"] for _, options in SETTINGS["reno"]):
-                    budgets = [o["iterations"] for _, o in SETTINGS["reno"] if o["lr"] == lr]
-                    measured += run_reno(adapter, reward, few_prompts, few_seeds, budgets, lr)
+                for lr in (5.0, 0.5):
+                    measured += run_reno(adapter, reward, few_prompts, few_seeds, args.reno_budgets, lr)
             else:
                 measured = [
                     run(method, options, adapter, reward, prompts, seeds) for _, options in SETTINGS[method]

@@ -200,15 +200,7 @@ class SampleConfig(StrictModel):
                 "--steer smc resamples stochastic particles: set --sampler sde (sampler.kind=sde; SDEs: "
                 "ddim for UNet models, flow-sde, dance-sde or cps for flow models)"
             )
-        steps = self.sampler.num_steps
-        if steps is not None and method == "smc":
-            last = max(self.steer.smc.start, self.steer.smc.end or 0)
-            if last >= steps:
-                raise ValueError(
-                    f"steer.smc resampling window reaches step {last}, past the last of {steps} steps"
-                )
-        if steps is not None and method == "guidance" and (self.steer.guidance.stop or 0) > steps:
-            raise ValueError(f"steer.guidance.stop ({self.steer.guidance.stop}) is past the {steps} steps")
+        # windows against the number of steps: vialign.sample.check_steering (it also knows the model's default)
         return self
 
 

@@ -140,5 +140,5 @@ def reward_guidance(
         pixels=pixels,
         reward=scores,
         model_calls=calls[0] / len(prompts),
-        details=[{}] * len(prompts),
+        details=[{} for _ in prompts],
     )

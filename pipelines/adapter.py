@@ -301,6 +301,34 @@ class GeneratorAdapter:
     def _schedule_kwargs(self, height: int, width: int, num_steps: int) -> dict[str, Any]:
         return {}
 
+    # scheduler config keys a recipe may change, per model kind
+    SCHEDULE_OVERRIDES = {
+        "flow": ("shift",),
+        "diffusion": ("beta_start", "beta_end", "beta_schedule", "timestep_spacing"),
+    }
+
+    def override_scheduler(self, **changes: Any) -> None:
+        """Sample (and train) with a changed noise schedule: ``changes`` are scheduler config keys.
+
+        Flow models take a static ``shift``, which also turns off the resolution-dependent shift that SD3.5
+        and FLUX use (``use_dynamic_shifting``): DanceGRPO samples FLUX at shift 3 whatever the size.
+        Diffusion models take ``beta_start``, ``beta_end``, ``beta_schedule`` and ``timestep_spacing``
+        (e.g. ``trailing``). None values are ignored.
+        """
+        changes = {key: value for key, value in changes.items() if value is not None}
+        allowed = self.SCHEDULE_OVERRIDES[self.kind]
+        wrong = sorted(set(changes) - set(allowed))
+        if wrong:
+            raise PipelineInputError(
+                f"{wrong[0]} does not apply to {type(self).__name__} ({self.kind} model); its scheduler "
+                f"takes {', '.join(allowed)}"
+            )
+        if not changes:
+            return
+        if "shift" in changes:
+            changes["use_dynamic_shifting"] = False
+        self.scheduler = type(self.scheduler).from_config(self.scheduler.config, **changes)
+
     # ------------------------------------------------------------------ the denoiser
     @property
     def prediction_type(self) -> str:

@@ -256,7 +256,7 @@ def test_exported_lora_loads_in_stock_diffusers(tmp_path, tiny_dir, prompt_file,
 
 
 def test_bad_inputs(tmp_path, tiny_dir, prompt_file, quiet_libraries):
-    with pytest.raises(ConfigError, match="grpo.group_size"):
+    with pytest.raises(ConfigError, match="grpo: group_size=1 leaves every group without a reward spread"):
         make_config(tmp_path, "tiny-sd3", prompt_file, grpo__group_size=1)
     with pytest.raises(ConfigError, match="grpo.nonsense: unknown key"):
         make_config(tmp_path, "tiny-sd3", prompt_file, grpo__nonsense=1)
@@ -361,10 +361,11 @@ def test_it_learns_brightness(tmp_path, quiet_libraries):
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path, tiny_dir, prompt_file):
     """accelerate launch --multi_gpu --num_processes 2 (gloo on CPU) == one process, same global batch, for
-    every algorithm family: GRPO (with KL), DRaFT+ (reference model, 2 micro-batches), ReFL (with the
+    every algorithm family: GRPO (with KL; and with the recipes' 2 updates per round, shared group noise,
+    DanceGRPO's per-sample steps and prompt dropout), DRaFT+ (reference model, 2 micro-batches), ReFL (with the
     denoising regulariser), Adjoint Matching (loss clipping from the global batch), offline DPO (pairs
     and their latent cache) and online DPO (whole groups per process)."""
-    algorithms = ["grpo", "draft", "refl", "adjoint_matching", "dpo", "online_dpo"]
+    algorithms = ["grpo", "grpo_recipe", "draft", "refl", "adjoint_matching", "dpo", "online_dpo"]
     script = Path(__file__).with_name("train_two_steps.py")
     sys.path.insert(0, str(script.parent))
     from train_two_steps import regularizer_images
@@ -439,9 +440,9 @@ def test_two_processes_equal_one(tmp_path, tiny_dir, prompt_file):
 @pytest.mark.parametrize(
     "name, model, group, sde, beta",
     [
-        ("ddpo_sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", 16, "ddim", 0.0),
+        ("ddpo_sd15", "CompVis/stable-diffusion-v1-4", 1, "ddim", 0.0),
         ("grpo_sdxl", "stabilityai/stable-diffusion-xl-base-1.0", 12, "ddim", 0.0),
-        ("flow_grpo_sd35", "stabilityai/stable-diffusion-3.5-medium", 24, "flow-sde", 0.04),
+        ("flow_grpo_sd35", "stabilityai/stable-diffusion-3.5-medium", 24, "flow-sde", 0.01),
         ("dance_grpo_flux", "black-forest-labs/FLUX.1-dev", 12, "dance-sde", 0.0),
         ("quickstart_grpo", "shapeworld", 8, "flow-sde", 0.0),
     ],

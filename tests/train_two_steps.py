@@ -3,7 +3,7 @@ two training steps of each algorithm named on the command line, on a tiny SD3 wi
 (GRPO) or 4 (the others); the main process writes the trained weights (and GRPO's global advantages) to
 OUT/<algorithm>/result.safetensors.
 
-    python tests/train_two_steps.py MODEL_DIR PROMPTS.txt OUT grpo draft refl adjoint_matching dpo online_dpo
+    python tests/train_two_steps.py MODEL_DIR PROMPTS.txt OUT grpo grpo_recipe draft refl adjoint_matching dpo online_dpo
 """
 
 import json
@@ -38,6 +38,19 @@ SETTINGS = {
         "grpo.micro_batch_size=2",
         "grpo.clip_range=0.2",
         "grpo.kl_beta=0.5",
+    ],
+    # the recipes' knobs: 2 updates per round (minibatches split across processes unevenly), shared group
+    # noise, DanceGRPO's per-sample steps, prompt dropout
+    "grpo_recipe": [
+        "grpo.group_size=4",
+        "grpo.prompts_per_step=2",
+        "grpo.micro_batch_size=2",
+        "grpo.clip_range=0.2",
+        "grpo.updates_per_round=2",
+        "grpo.same_group_noise=true",
+        "grpo.train_steps=dance",
+        "grpo.step_fraction=0.5",
+        "data.prompt_dropout=0.5",
     ],
     # DRaFT+ (the reference model), two micro-batches on one process, one on each of two
     "draft": [
@@ -90,10 +103,14 @@ def regularizer_images(folder: Path) -> str:
     return str(folder / "pairs.jsonl")
 
 
+ALGORITHM = {"grpo_recipe": "grpo"}  # a case name -> the algorithm it runs
+
+
 def main() -> None:
     model, prompt_file, out = sys.argv[1:4]
-    for algorithm in sys.argv[4:]:
-        folder = Path(out) / algorithm
+    for case in sys.argv[4:]:
+        algorithm = ALGORITHM.get(case, case)
+        folder = Path(out) / case
         images = Path(out).parent / "images"
         extra = {
             "refl": [f"refl.regularizer_data={images / 'pairs.jsonl'}"],
@@ -108,7 +125,7 @@ def main() -> None:
                 f"output_dir={folder}",
                 f"data.train={prompt_file}",  # dpo: replaced by its pairs in `extra`
                 *COMMON,
-                *SETTINGS[algorithm],
+                *SETTINGS[case],
                 *extra,
             ],
         )

@@ -186,7 +186,36 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in output_dir from its latest complete checkpoint",
     )
+    prompts = commands.add_parser(
+        "prompts",
+        help="the published recipes' prompt sets: list them, or fetch one (data.train: prompts:NAME)",
+        description="vialign prompts list | vialign prompts get NAME [NAME ...] [--url URL]",
+    )
+    prompts.add_argument("action", choices=["list", "get"], help="list the sets, or download some")
+    prompts.add_argument("names", nargs="*", help="prompt sets to download (get)")
+    prompts.add_argument("--url", help="get: download from this mirror instead (one name only)")
     return parser
+
+
+def cmd_prompts(args: argparse.Namespace) -> int:
+    from vialign.prompt_data import PROMPT_SETS, cache_dir, fetch_prompt_set
+
+    if args.action == "list":
+        for name, entry in PROMPT_SETS.items():
+            where = (
+                "shipped"
+                if entry.shipped
+                else ("fetched" if (cache_dir() / f"{name}{entry.suffix}").is_file() else "not fetched")
+            )
+            print(f"prompts:{name:<22} {where:<12} {entry.description}")
+        return 0
+    if not args.names:
+        raise VialignInputError("vialign prompts get needs the names of prompt sets (vialign prompts list)")
+    if args.url and len(args.names) != 1:
+        raise VialignInputError("--url names one file: pass one prompt set with it")
+    for name in args.names:
+        print(f"prompts:{name} -> {fetch_prompt_set(name, url=args.url)}")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -366,9 +395,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("vialign", "pipelines", "rewards"):
         logging.getLogger(name).setLevel(logging.INFO)
     try:
-        return {"sample": cmd_sample, "score": cmd_score, "eval": cmd_eval, "train": cmd_train}[args.command](
-            args
-        )
+        commands = {
+            "sample": cmd_sample,
+            "score": cmd_score,
+            "eval": cmd_eval,
+            "train": cmd_train,
+            "prompts": cmd_prompts,
+        }
+        return commands[args.command](args)
     except (VialignInputError, PipelineInputError, RewardInputError, FileNotFoundError) as error:
         if os.environ.get("VIALIGN_DEBUG"):
             raise

@@ -25,6 +25,33 @@ from vialign.schema import SDEWindow, StrictModel
 Schema = TypeVar("Schema", bound=BaseModel)
 
 
+class SchedulerOverrides(StrictModel):
+    """``model.scheduler``: a recipe's noise schedule in place of the checkpoint's (sampling, training and
+    evaluation alike). Unset keys keep the checkpoint's values."""
+
+    shift: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="flow models: a static sigma shift s (sigma <- s sigma / (1 + (s - 1) sigma)) in place of "
+        "the resolution-dependent one (DanceGRPO: 3 on FLUX)",
+    )
+    beta_start: float | None = Field(None, gt=0, lt=1, description="diffusion models: first beta")
+    beta_end: float | None = Field(None, gt=0, lt=1, description="diffusion models: last beta")
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] | None = Field(
+        None, description="diffusion models: how betas go from beta_start to beta_end"
+    )
+    timestep_spacing: Literal["leading", "trailing", "linspace"] | None = Field(
+        None, description="diffusion models: which of the training timesteps an N-step sampler visits"
+    )
+
+    @model_validator(mode="after")
+    def _betas_ordered(self) -> SchedulerOverrides:
+        if self.beta_start is not None and self.beta_end is not None and self.beta_end < self.beta_start:
+            raise ValueError(f"beta_end ({self.beta_end}) must be >= beta_start ({self.beta_start})")
+        return self
+
+
 class ModelConfig(StrictModel):
     """Which generator to load, and where."""
 
@@ -46,6 +73,7 @@ class ModelConfig(StrictModel):
     clip_skip: int | None = Field(
         None, ge=1, le=12, description="use an earlier CLIP layer, as diffusers' clip_skip"
     )
+    scheduler: SchedulerOverrides = Field(default_factory=SchedulerOverrides)
 
     @field_validator("device")
     @classmethod
@@ -279,6 +307,12 @@ class DataConfig(StrictModel):
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="with eval=null: this fraction of the train prompts is held out (seeded)"
     )
+    prompt_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="probability that a training sample's prompt is replaced by the empty one",
+    )
 
 
 class FinetuneConfig(StrictModel):
@@ -295,6 +329,10 @@ class FinetuneConfig(StrictModel):
     )
     ema_decay: float = Field(
         0.0, ge=0, lt=1, description="EMA of the trainable weights (0: off); evaluation and export use it"
+    )
+    ema_every: int = Field(1, ge=1, description="update the EMA every this many optimizer updates")
+    ema_warmup: bool = Field(
+        False, description="ramp the EMA decay as min(decay, (1 + n) / (10 + n)) (diffusers' EMAModel)"
     )
     reference_on_cpu: bool = Field(
         False, description="full fine-tuning with KL: keep the frozen reference copy on the CPU"
@@ -430,6 +468,11 @@ class TrainConfig(StrictModel):
             ) from None
         algorithm.check_settings(settings, self.sampler.num_steps)
         self.__pydantic_extra__[self.algorithm] = settings
+        if algorithm.data == "preference_pairs" and self.data.prompt_dropout:
+            raise ValueError(
+                f"data.prompt_dropout: {self.algorithm} trains on fixed preference pairs, whose prompts are not "
+                "dropped; set data.prompt_dropout=0"
+            )
         if algorithm.reward != "none" and not self.rewards:
             raise ValueError("rewards: at least one training reward is needed, e.g. rewards: {pickscore: {}}")
         return self

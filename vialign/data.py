@@ -5,6 +5,8 @@ load_prompts("prompts.jsonl", "caption")    # one JSON object per line, the prom
 load_prompts("hf:org/name:train")           # datasets.load_dataset("org/name", split="train")
 load_prompts("data/saved_dataset")          # datasets.load_from_disk(...)
 load_prompts("shapeworld:align")            # a testbed prompt set: align, eval, train, held_out, all
+load_prompts("prompts:simple_animals")      # a published recipe's prompts (vialign.prompt_data)
+load_prompts("prompts.json", "text")        # a JSON array of objects, the prompt in "text"
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ def _require_datasets(source: str):
 
 def load_prompts(spec: str, column: str = "prompt") -> list[str]:
     """The prompts named by ``spec`` (see the module docstring); empty sources are an error."""
-    if spec.startswith("shapeworld:"):
+    if spec.startswith("prompts:"):
+        from vialign.prompt_data import load_prompt_set
+
+        prompts = load_prompt_set(spec.removeprefix("prompts:"))
+    elif spec.startswith("shapeworld:"):
         from rewards import shapeworld as sw
 
         name = spec.removeprefix("shapeworld:")
@@ -76,7 +82,19 @@ def load_prompts(spec: str, column: str = "prompt") -> list[str]:
 def read_prompt_file(path: Path, column: str = "prompt") -> list[str]:
     """The lines of a text file, or the ``column`` strings of a JSONL file's rows (malformed rows are
     errors naming the line). The file must exist."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":  # a JSON array of objects (ImageReward's refl_data.json)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise VialignInputError(f"{path} is not valid JSON: {error.msg} (line {error.lineno})") from None
+        if not isinstance(rows, list):
+            raise VialignInputError(f"{path} must hold a JSON array of objects with a {column!r} field")
+        for number, row in enumerate(rows):
+            if not isinstance(row, dict) or not isinstance(row.get(column), str):
+                raise VialignInputError(f"{path}: element {number} has no string {column!r} field")
+        return [row[column] for row in rows]
+    lines = text.splitlines()
     if path.suffix != ".jsonl":
         return lines
     prompts = []

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from pipelines.adapter import GeneratorAdapter, Guidance
 from vialign.config import ModelConfig, SampleConfig
 from vialign.data import read_prompt_file
-from vialign.errors import VialignInputError
+from vialign.errors import ConfigError, VialignInputError
 from vialign.sampling import Sampler, rollout_prompts, sde_sampler
 
 INDEX_FILE = "samples.jsonl"
@@ -44,8 +44,9 @@ def load_model(model: ModelConfig, *, device: str | None = None, with_lora: bool
     """The adapter a ``model:`` config section names (``device`` overrides ``model.device``; the trainer
     loads ``model.lora`` itself, as trainable weights, with ``with_lora=False``)."""
     from pipelines import load_pipeline
+    from pipelines.errors import PipelineInputError
 
-    return load_pipeline(
+    adapter = load_pipeline(
         model.path,
         device=device or model.device,
         dtype=model.dtype,
@@ -55,6 +56,11 @@ def load_model(model: ModelConfig, *, device: str | None = None, with_lora: bool
         max_sequence_length=model.max_sequence_length,
         clip_skip=model.clip_skip,
     )
+    try:
+        adapter.override_scheduler(**model.scheduler.model_dump())
+    except PipelineInputError as error:
+        raise ConfigError(f"model.scheduler: {error}") from None
+    return adapter
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:

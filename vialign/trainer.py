@@ -64,6 +64,17 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return 1.0
 
 
+def ema_decay(update: int, decay: float, warmup: bool) -> float:
+    """The EMA decay after the ``update``-th optimizer update (1-based): ``decay``, or with ``warmup`` the
+    ramp of diffusers' ``EMAModel`` (ImageReward's ReFL) and Flow-GRPO's ``EMAModuleWrapper``: 0 at the
+    first update (the average starts at the trained weights), then ``min(decay, (1 + n) / (10 + n))``,
+    n = update - 1."""
+    if not warmup:
+        return decay
+    n = update - 1
+    return 0.0 if n <= 0 else min(decay, (1 + n) / (10 + n))
+
+
 class MetricsLogger:
     """``metrics.jsonl`` (one object per logged step: ``step`` and metric names) and TensorBoard."""
 
@@ -117,15 +128,17 @@ class Trainer:
         self.algorithm_class = get_algorithm(config.algorithm)
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
-        self._check_output_dir(resume)
+        # the data first: a missing prompt set stops the run before output_dir is touched
         self.train_prompts, self.eval_prompts = self._prompts()
         self.regression_prompts = self._regression_prompts()
+        self._check_output_dir(resume)
         self.adapter = self._load_model()
         self.trainable = self._setup_finetuning()
         self.preferences = self._encode_preferences()
         self.reward = self._load_rewards()
         self.optimizer = self._optimizer()
         self.ema = [p.detach().clone().float() for p in self.trainable] if config.finetune.ema_decay else None
+        self.optimizer_updates = 0  # optimizer steps taken (an algorithm may take several per training step)
         self.reference_denoiser = self._reference()
         self.algorithm = self.algorithm_class(config.settings, self.context())
         self.start_step = 1
@@ -163,6 +176,7 @@ class Trainer:
             guidance=adapter.make_guidance(sampling.guidance_scale),
             sampling=sampling,
             preferences=self.preferences,
+            prompt_dropout=self.config.data.prompt_dropout,
             processes=self.processes,
             reference=self.reference,
             optimizer_step=self.optimizer_step,
@@ -353,8 +367,10 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            decay = self.config.finetune.ema_decay
+        self.optimizer_updates += 1
+        finetune = self.config.finetune
+        if self.ema is not None and self.optimizer_updates % finetune.ema_every == 0:
+            decay = ema_decay(self.optimizer_updates, finetune.ema_decay, finetune.ema_warmup)
             with torch.no_grad():
                 for average, param in zip(self.ema, self.trainable):
                     average.mul_(decay).add_(param.detach().float(), alpha=1 - decay)
@@ -515,6 +531,7 @@ class Trainer:
                 "optimizer": optimizer_meta,
                 "algorithm": self.algorithm.state_dict(),
                 "world_size": self.world_size,
+                "optimizer_updates": self.optimizer_updates,
             }
             save_checkpoint(
                 self.checkpoint_dir, step, tensors, state, keep=self.config.train.checkpoints_kept
@@ -539,6 +556,7 @@ class Trainer:
                     average.copy_(tensors[f"ema.{name}"])
         optimizer_from_flat(self.optimizer, tensors, state["optimizer"])
         self.algorithm.load_state_dict(state["algorithm"])
+        self.optimizer_updates = state.get("optimizer_updates", state["step"])
         self.start_step = state["step"] + 1
         if self.is_main:
             logger.info("resumed from %s (step %d)", path, state["step"])

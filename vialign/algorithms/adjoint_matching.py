@@ -33,7 +33,7 @@ from dataclasses import replace
 
 import torch
 import torch.utils.checkpoint
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from vialign.algorithms.base import Algorithm, TrainingContext, register
 from vialign.errors import VialignInputError
@@ -53,6 +53,13 @@ class AdjointMatchingSettings(StrictModel):
     trained_timesteps: int = Field(
         10, ge=1, description="steps of the stratified subset the loss is computed at"
     )
+    early_timesteps: int | None = Field(
+        None,
+        ge=0,
+        description="soc-fine-tuning-sd's split: this many of the trained_timesteps drawn (without replacement) "
+        "from the first early_fraction of the chain, the rest from the remainder; null: stratified bins",
+    )
+    early_fraction: float = Field(0.6, gt=0, lt=1, description="where the split cuts the chain")
     clip_quantile: float = Field(
         0.9, gt=0, le=1, description="per-sample losses clipped at an EMA of this quantile"
     )
@@ -63,6 +70,14 @@ class AdjointMatchingSettings(StrictModel):
     buffer_passes: int = Field(
         1, ge=1, le=100, description="optimizer passes over each batch of trajectories"
     )
+
+    @model_validator(mode="after")
+    def _split_fits(self) -> AdjointMatchingSettings:
+        if self.early_timesteps is not None and self.early_timesteps > self.trained_timesteps:
+            raise ValueError(
+                f"early_timesteps ({self.early_timesteps}) must be <= trained_timesteps ({self.trained_timesteps})"
+            )
+        return self
 
 
 def memoryless_sampler(kind: str) -> Sampler:
@@ -124,6 +139,22 @@ def regression_loss(adapter, schedule, sampler, latents, adjoints, steps, cond, 
         mean = torch.utils.checkpoint.checkpoint(fine_tuned_mean, x, use_reentrant=False)
         per_sample = per_sample + adjoint_regression(mean, base_mean, std, adjoints[:, k + 1]) / len(steps)
     return per_sample
+
+
+def split_steps(
+    num_steps: int, count: int, early: int, fraction: float, generator: torch.Generator
+) -> list[int]:
+    """soc-fine-tuning-sd's loss steps (am_trainer.py at 489f904): ``early`` steps drawn without
+    replacement from [0, round(fraction N)), the other ``count - early`` from [round(fraction N), N)."""
+    middle = round(num_steps * fraction)
+    if not (early <= middle and count - early <= num_steps - middle):
+        raise VialignInputError(
+            f"cannot draw {early} of {count} loss steps from the first {middle} of {num_steps} steps and the "
+            f"rest from the last {num_steps - middle}: change adjoint_matching.early_timesteps or trained_timesteps"
+        )
+    first = torch.randperm(middle, generator=generator)[:early]
+    second = middle + torch.randperm(num_steps - middle, generator=generator)[: count - early]
+    return sorted(int(k) for k in torch.cat([first, second]))
 
 
 def stratified_steps(num_steps: int, count: int, generator: torch.Generator) -> list[int]:
@@ -201,7 +232,16 @@ class AdjointMatching(Algorithm):
         rollout_seconds = time.perf_counter() - started
 
         generator = torch.Generator().manual_seed(context.sample_seed(step, 2**42))
-        steps = stratified_steps(context.num_steps, settings.trained_timesteps, generator)
+        if settings.early_timesteps is None:
+            steps = stratified_steps(context.num_steps, settings.trained_timesteps, generator)
+        else:
+            steps = split_steps(
+                context.num_steps,
+                settings.trained_timesteps,
+                settings.early_timesteps,
+                settings.early_fraction,
+                generator,
+            )
         losses = []
         with context.train_mode():
             for _ in range(settings.buffer_passes):  # 4: the regression loss, one optimizer step per pass

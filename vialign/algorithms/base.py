@@ -36,6 +36,7 @@ from vialign.distributed import Processes
 from vialign.errors import VialignInputError
 from vialign.sampling import Sampler, Trajectory, rollout_prompts
 from vialign.schema import StrictModel
+from vialign.seeds import mix_seed
 
 RewardNeed = Literal["none", "any", "differentiable"]
 DataKind = Literal["prompts", "preference_pairs"]
@@ -60,6 +61,17 @@ def evaluation_seed(index: int) -> int:
     return EVALUATION_SEEDS + index
 
 
+PROMPT_DROPOUT_STREAM = 1  # mix_seed(seed, step, stream): per-step draws that are not samples' noise
+
+
+def drop_prompts(prompts: Sequence[str], probability: float, seed: int) -> list[str]:
+    """Each prompt replaced by the empty prompt with ``probability``, independently, from ``seed`` (the
+    same on every process). Training on some empty prompts keeps the unconditional branch that CFG needs
+    in tune with the fine-tuned conditional one (soc-fine-tuning-sd drops 20%)."""
+    dropped = torch.rand(len(prompts), generator=torch.Generator().manual_seed(seed)) < probability
+    return ["" if drop else prompt for prompt, drop in zip(prompts, dropped.tolist())]
+
+
 @dataclass
 class TrainingContext:
     """What an algorithm may use of the trainer (built by ``vialign.trainer.Trainer``)."""
@@ -75,6 +87,7 @@ class TrainingContext:
     guidance: Guidance  # CFG / guidance embedding of training rollouts
     sampling: Any  # the config's `sampler` section (sde_kind, noise_level, sde_window, ...)
     preferences: Any = None  # vialign.preferences.PreferenceLatents, for data="preference_pairs"
+    prompt_dropout: float = 0.0  # probability that a sample's prompt is replaced by "" (data.prompt_dropout)
     processes: Processes = field(default_factory=Processes)
     reference: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     optimizer_step: Callable[[int], float] = lambda step: 0.0  # clip, step, zero grads, EMA; -> grad norm
@@ -94,18 +107,35 @@ class TrainingContext:
         encoded here in one batch on every process: text encoders' outputs move in the last bits with the
         batch, and a sample's embedding must not depend on its process."""
         prompts = prompts_for_step(self.prompts, step, count, self.seed)
+        batch = [p for p in prompts for _ in range(repeat)]
+        if self.prompt_dropout:
+            batch = drop_prompts(batch, self.prompt_dropout, mix_seed(self.seed, step, PROMPT_DROPOUT_STREAM))
+            prompts = [*prompts, ""]
         with torch.no_grad():
             self.adapter.encode_prompt(prompts)
-        batch = [p for p in prompts for _ in range(repeat)]
         lo, hi = self.local_range(len(batch))
         return batch, lo, hi
 
     def rollout(
-        self, prompts: Sequence[str], step: int, start: int, sampler: Sampler, **options: Any
+        self,
+        prompts: Sequence[str],
+        step: int,
+        start: int,
+        sampler: Sampler,
+        *,
+        shared_noise_group: int = 1,
+        **options: Any,
     ) -> Trajectory:
         """Sample global indices ``start .. start + len(prompts) - 1`` of training ``step`` (each from its
-        own seed, :func:`sample_seed`) along the training schedule; ``options`` are ``rollout``'s."""
-        seeds = [self.sample_seed(step, g) for g in range(start, start + len(prompts))]
+        own seed, :func:`sample_seed`) along the training schedule; ``options`` are ``rollout``'s.
+
+        ``shared_noise_group=G`` > 1: the global samples ``G j .. G j + G - 1`` all start from sample
+        ``G j``'s x_0 (a GRPO group sharing its initial noise); their step noise stays their own."""
+        indices = range(start, start + len(prompts))
+        seeds = [self.sample_seed(step, g) for g in indices]
+        if shared_noise_group > 1:
+            leaders = [self.sample_seed(step, g - g % shared_noise_group) for g in indices]
+            options["initial_seeds"] = leaders
         return rollout_prompts(
             self.adapter,
             list(prompts),

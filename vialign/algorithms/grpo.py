@@ -15,19 +15,21 @@ averaged over samples and trained steps (``vialign.losses.clipped_surrogate``, `
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from vialign.advantages import Advantages, PerPromptStatTracker, group_advantages, per_reward_advantages
 from vialign.algorithms.base import Algorithm, TrainingContext, register
 from vialign.losses import clipped_surrogate, gaussian_kl
 from vialign.sampling import Sampler, replay_step, sde_sampler
 from vialign.schema import StrictModel
+from vialign.seeds import mix_seed
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,12 @@ logger = logging.getLogger(__name__)
 class GRPOSettings(StrictModel):
     """The ``grpo:`` section."""
 
-    group_size: int = Field(8, ge=2, le=1024, description="samples per prompt (G)")
+    group_size: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="samples per prompt (G); 1 with per_prompt_stats: DDPO's independent prompts",
+    )
     prompts_per_step: int = Field(8, ge=1, le=4096, description="prompts per training step (all processes)")
     advantage_std: Literal["group", "global"] = Field("group", description="normalise by group or batch std")
     advantage_clip: float | None = Field(5.0, gt=0, description="clip advantages to +-this (null: off)")
@@ -51,14 +58,42 @@ class GRPOSettings(StrictModel):
         "mean", description="log-probs summed over latent dims (exact) or averaged (published recipes)"
     )
     kl_beta: float = Field(0.0, ge=0, description="KL-to-reference coefficient beta")
-    train_steps: Literal["all", "all_but_last", "first", "random"] = Field(
-        "all", description="which stochastic steps are trained"
+    train_steps: Literal["all", "all_but_last", "first", "random", "dance"] = Field(
+        "all",
+        description="which stochastic steps are trained: all, all_but_last, first (a fraction), random (one "
+        "random fraction for the batch), dance (DanceGRPO: never the last; a random fraction of the rest per sample)",
     )
-    step_fraction: float = Field(1.0, gt=0, le=1, description="fraction of steps for first / random")
+    step_fraction: float = Field(1.0, gt=0, le=1, description="fraction of steps for first / random / dance")
     inner_epochs: int = Field(1, ge=1, le=100, description="passes over each rollout batch")
+    updates_per_round: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="optimizer updates per pass: the round's samples are shuffled (the same way on every "
+        "process) and split into this many equal minibatches, one update each (DDPO 2, Flow-GRPO 2, DanceGRPO 3)",
+    )
+    same_group_noise: bool = Field(
+        False,
+        description="every sample of a group starts from the same initial noise (DanceGRPO init_same_noise)",
+    )
     micro_batch_size: int = Field(
         8, ge=1, le=4096, description="samples per denoiser call in rollouts and training (memory)"
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GRPOSettings:
+        if self.group_size == 1 and not self.per_prompt_stats:
+            raise ValueError(
+                "group_size=1 leaves every group without a reward spread: use group_size >= 2, or "
+                "per_prompt_stats=true (DDPO: advantages against each prompt's reward history)"
+            )
+        samples = self.group_size * self.prompts_per_step
+        if samples % self.updates_per_round:
+            raise ValueError(
+                f"updates_per_round={self.updates_per_round} does not divide the {samples} samples of a round "
+                f"(group_size x prompts_per_step)"
+            )
+        return self
 
 
 def trained_steps(
@@ -68,11 +103,13 @@ def trained_steps(
     fraction: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> list[int]:
-    """Which of the stochastic steps a rollout batch trains on.
+    """Which of the stochastic steps a rollout batch (or, for ``dance``, one sample) trains on.
 
     ``all``: every stochastic step. ``all_but_last``: Flow-GRPO (the last step barely moves the image).
     ``random``: a random ``fraction`` of them (DanceGRPO's timestep fraction), drawn from ``generator``.
     ``first``: the first ``fraction`` of them (the high-noise steps, where composition is decided).
+    ``dance``: DanceGRPO's rule (train_grpo_flux.py at 15cc71d): the last step is never trained, then
+    ``int(fraction * rest)`` of the rest at random (drawn per sample).
     """
     steps = [int(k) for k in stochastic_steps]
     if not steps:
@@ -87,7 +124,51 @@ def trained_steps(
     if mode == "random":
         order = torch.randperm(len(steps), generator=generator)[:count]
         return sorted(steps[i] for i in order.tolist())
-    raise ValueError(f"unknown step selection {mode!r}: all, all_but_last, first or random")
+    if mode == "dance":
+        rest = steps[:-1] or steps
+        order = torch.randperm(len(rest), generator=generator)[: max(1, int(fraction * len(rest)))]
+        return sorted(rest[i] for i in order.tolist())
+    raise ValueError(f"unknown step selection {mode!r}: all, all_but_last, first, random or dance")
+
+
+def update_minibatches(total: int, updates: int, seed: int) -> list[torch.Tensor]:
+    """The global sample indices of each of ``updates`` optimizer updates over a round of ``total``
+    samples: one seeded shuffle (the same on every process), cut into equal parts, each sorted."""
+    if updates == 1:
+        return [torch.arange(total)]
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    return [part.sort().values for part in order.chunk(updates)]
+
+
+def summarise(values: list[torch.Tensor]) -> torch.Tensor:
+    """[sum, count, min, max] of the concatenated ``values`` (float64; empty: 0, 0, inf, -inf)."""
+    if not values:
+        return torch.tensor([0.0, 0.0, math.inf, -math.inf], dtype=torch.float64)
+    flat = torch.cat([v.detach().reshape(-1) for v in values]).double().cpu()
+    return torch.stack(
+        [flat.sum(), torch.tensor(float(flat.numel()), dtype=torch.float64), flat.min(), flat.max()]
+    )
+
+
+def combine(summaries: torch.Tensor) -> list[dict[str, float]]:
+    """Per quantity, the mean, count, min and max over processes of :func:`summarise` rows
+    (``summaries``: processes x quantities x 4)."""
+    out = []
+    for rows in summaries.double().cpu().unbind(1):
+        count = float(rows[:, 1].sum())
+        out.append(
+            {
+                "mean": float(rows[:, 0].sum()) / count if count else math.nan,
+                "count": count,
+                "min": float(rows[:, 2].min()),
+                "max": float(rows[:, 3].max()),
+            }
+        )
+    return out
+
+
+# mix_seed(seed, step, stream, ...) streams of per-step draws that are not samples' noise
+MINIBATCH_STREAM, DANCE_STEPS_STREAM = 2, 3
 
 
 @register
@@ -166,7 +247,12 @@ class GRPO(Algorithm):
         # 1. rollouts (no gradient), decoded and scored
         with torch.no_grad():
             trajectory = context.rollout(
-                local_prompts, step, lo, self.sampler_at(step), model_batch_size=micro
+                local_prompts,
+                step,
+                lo,
+                self.sampler_at(step),
+                model_batch_size=micro,
+                shared_noise_group=settings.group_size if settings.same_group_noise else 1,
             )
             pixels = torch.cat(
                 [adapter.decode(trajectory.final[i : i + micro]) for i in range(0, hi - lo, micro)]
@@ -212,54 +298,99 @@ class GRPO(Algorithm):
         metrics.update({f"count/{name}": value for name, value in self.counters.items()})
         return metrics
 
-    def update(self, step: int, trajectory, advantages: Advantages, lo: int, hi: int, total: int) -> dict:
-        """3. ``inner_epochs`` passes of the clipped-ratio loss over the trained steps of the local samples."""
-        context, settings, adapter = self.context, self.settings, self.context.adapter
-        stochastic = torch.nonzero(trajectory.stochastic).flatten().tolist()
+    def steps_to_train(self, step: int, stochastic: list[int], lo: int, hi: int) -> list[list[int]]:
+        """The trained steps of each local sample: one choice for the batch, or (``dance``) one per
+        sample, drawn from (seed, step, global index) so that processes agree."""
+        settings, context = self.settings, self.context
+        if settings.train_steps == "dance":
+            return [
+                trained_steps(
+                    stochastic,
+                    mode="dance",
+                    fraction=settings.step_fraction,
+                    generator=torch.Generator().manual_seed(
+                        mix_seed(context.seed, step, DANCE_STEPS_STREAM, g)
+                    ),
+                )
+                for g in range(lo, hi)
+            ]
         generator = torch.Generator().manual_seed(context.sample_seed(step, 2**40))
         steps = trained_steps(
             stochastic, mode=settings.train_steps, fraction=settings.step_fraction, generator=generator
         )
+        return [steps] * (hi - lo)
+
+    def update(self, step: int, trajectory, advantages: Advantages, lo: int, hi: int, total: int) -> dict:
+        """3. ``inner_epochs`` passes of the clipped-ratio loss over the trained steps of the local samples,
+        each pass ``updates_per_round`` optimizer updates on disjoint minibatches of the global batch."""
+        context, settings, adapter = self.context, self.settings, self.context.adapter
+        stochastic = torch.nonzero(trajectory.stochastic).flatten().tolist()
+        steps_of = self.steps_to_train(step, stochastic, lo, hi)
+        per_sample = len(steps_of[0])  # the same count for every sample
         local_advantages = advantages.values[lo:hi].to(adapter.device)
         local_keep = advantages.keep[lo:hi].to(adapter.device)
-        kept = int(advantages.keep.sum())
         micro = settings.micro_batch_size
         per_dim = settings.log_prob_reduction == "mean"
         dims_per_sample = trajectory.latents[0, 0].numel()
-        ratios, clipped, kls, grad_norms = [], [], [], []
+        ratios, clipped, kls, grad_norms, first_ratios = [], [], [], [], []
+        self.last_update_ratios = []  # this process's ratios of each optimizer update (for inspection)
         started = time.perf_counter()
         with context.train_mode():
-            for _ in range(settings.inner_epochs):
-                for start in range(0, hi - lo, micro):
-                    rows = slice(start, min(start + micro, hi - lo))
-                    batch = trajectory.select(rows)
-                    for k in steps:
-                        if settings.kl_beta:
-                            with torch.no_grad(), context.reference():
-                                reference_mean = replay_step(adapter, batch, k, model_batch_size=micro).mean
-                        policy = replay_step(adapter, batch, k, model_batch_size=micro)
-                        log_prob = policy.log_prob_per_dim if per_dim else policy.log_prob
-                        old = batch.log_probs[:, k] / dims_per_sample if per_dim else batch.log_probs[:, k]
-                        surrogate = clipped_surrogate(
-                            log_prob, old, local_advantages[rows], settings.clip_range
-                        )
-                        loss = (surrogate.loss * local_keep[rows]).sum() / kept
-                        if settings.kl_beta:
-                            kl = gaussian_kl(policy.mean, reference_mean, policy.std, per_dim=per_dim)
-                            loss = loss + settings.kl_beta * kl.sum() / total
-                            kls.append(kl.detach())
-                        context.backward(loss / len(steps))
-                        ratios.append(surrogate.ratio)
-                        clipped.append(surrogate.clipped.float())
-                grad_norms.append(context.optimizer_step(step))
-        ratio = context.gather(torch.cat(ratios))
+            for epoch in range(settings.inner_epochs):
+                seed = mix_seed(context.seed, step, MINIBATCH_STREAM, epoch)
+                for minibatch in update_minibatches(total, settings.updates_per_round, seed):
+                    kept = int(advantages.keep[minibatch].sum())
+                    if kept == 0:  # every process knows: all skip this update alike
+                        continue
+                    local = [int(i) - lo for i in minibatch if lo <= int(i) < hi]
+                    update_ratios = []
+                    for start in range(0, len(local), micro):
+                        rows = local[start : start + micro]
+                        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+                        batch = trajectory.select(slice(rows[0], rows[0] + len(rows)) if contiguous else rows)
+                        for k in sorted({k for r in rows for k in steps_of[r]}):
+                            members = [j for j, r in enumerate(rows) if k in steps_of[r]]
+                            part = batch if len(members) == len(rows) else batch.select(members)
+                            chosen = [rows[j] for j in members]
+                            if settings.kl_beta:
+                                with torch.no_grad(), context.reference():
+                                    reference_mean = replay_step(
+                                        adapter, part, k, model_batch_size=micro
+                                    ).mean
+                            policy = replay_step(adapter, part, k, model_batch_size=micro)
+                            log_prob = policy.log_prob_per_dim if per_dim else policy.log_prob
+                            old = part.log_probs[:, k] / dims_per_sample if per_dim else part.log_probs[:, k]
+                            surrogate = clipped_surrogate(
+                                log_prob, old, local_advantages[chosen], settings.clip_range
+                            )
+                            loss = (surrogate.loss * local_keep[chosen]).sum() / kept
+                            if settings.kl_beta:
+                                kl = gaussian_kl(policy.mean, reference_mean, policy.std, per_dim=per_dim)
+                                loss = loss + settings.kl_beta * kl.sum() / len(minibatch)
+                                kls.append(kl.detach())
+                            context.backward(loss / per_sample)
+                            update_ratios.append(surrogate.ratio)
+                            clipped.append(surrogate.clipped.float())
+                    ratios.extend(update_ratios)
+                    self.last_update_ratios.append(
+                        torch.cat(update_ratios).detach() if update_ratios else None
+                    )
+                    if not grad_norms:
+                        first_ratios = list(update_ratios)
+                    grad_norms.append(context.optimizer_step(step))
+        # processes may hold different numbers of samples of a minibatch: gather summaries, not values
+        parts = [ratios, clipped, kls, [(r - 1).abs() for r in first_ratios]]
+        local = torch.stack([summarise(values) for values in parts]).to(adapter.device)
+        ratio, clip, kl, first = combine(context.gather(local[None]))
         return {
-            "ratio/mean": float(ratio.mean()),
-            "ratio/min": float(ratio.min()),
-            "ratio/max": float(ratio.max()),
-            "clip_fraction": float(context.gather(torch.cat(clipped)).mean()),
-            "kl": float(context.gather(torch.cat(kls)).mean()) if kls else 0.0,
-            "grad_norm": grad_norms[-1],
+            "ratio/mean": ratio["mean"],
+            "ratio/min": ratio["min"],
+            "ratio/max": ratio["max"],
+            "ratio/first_update_max_deviation": first["max"] if first["count"] else 0.0,
+            "clip_fraction": clip["mean"],
+            "kl": kl["mean"] if kl["count"] else 0.0,
+            "grad_norm": grad_norms[-1] if grad_norms else 0.0,
+            "optimizer_updates": len(grad_norms),
             "time/train_s": time.perf_counter() - started,
-            "trained_steps": len(steps),
+            "trained_steps": per_sample,
         }

@@ -299,17 +299,27 @@ def rollout_prompts(
     width: int,
     guidance: Guidance,
     negative_prompt: str | None = None,
+    initial_seeds: Sequence[int] | None = None,
     **rollout_options: Any,
 ) -> Trajectory:
     """:func:`rollout` from prompts: encode them, draw sample i's initial and step noise from
     ``torch.Generator("cpu").manual_seed(seeds[i])`` (as the stock pipelines with a list of
-    generators), and run. ``rollout_options`` are :func:`rollout`'s keyword arguments."""
+    generators), and run. ``rollout_options`` are :func:`rollout`'s keyword arguments.
+
+    ``initial_seeds``: sample i starts from the x_0 of ``initial_seeds[i]`` instead (samples sharing a
+    seed share their x_0, as DanceGRPO's ``init_same_noise``); its step noise is the same as without.
+    """
     if len(prompts) != len(seeds):
         raise VialignInputError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if initial_seeds is not None and len(initial_seeds) != len(seeds):
+        raise VialignInputError(f"{len(seeds)} seeds but {len(initial_seeds)} initial seeds")
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
     cond = adapter.encode_prompt(prompts)
     uncond = adapter.uncond_embeds(len(prompts), negative_prompt) if guidance.uses_uncond else None
     latents = adapter.initial_latents(generators, len(prompts), height, width, schedule)
+    if initial_seeds is not None:  # the own x_0 above was still drawn: the step noise stays the same
+        shared = [torch.Generator("cpu").manual_seed(int(seed)) for seed in initial_seeds]
+        latents = adapter.initial_latents(shared, len(prompts), height, width, schedule)
     return rollout(
         adapter,
         cond,

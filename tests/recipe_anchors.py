@@ -26,11 +26,53 @@ DANCE = "XueZeyue/DanceGRPO@15cc71d"
 IMAGEREWARD = "THUDM/ImageReward@c1392c6"
 ALIGNPROP = "mihirp1998/AlignProp@b22918a"
 SOC = "microsoft/soc-fine-tuning-sd@489f904"
+DIFFUSION_DPO = "SalesforceAIResearch/DiffusionDPO@5233e75"
 COMMON_ADAM = [
     ("optim.betas", (0.9, 0.999), "torch.optim.AdamW default"),
     ("optim.eps", 1e-8, "torch.optim.AdamW default"),
     ("optim.lr_schedule", "constant", "no scheduler is created"),
 ]
+
+
+def diffusion_dpo(launcher: str, sdxl: bool) -> list:
+    """Diffusion-DPO's two launchers share train.py; --sdxl switches resolution, optimizer, checkpointing."""
+    line = dict(  # each flag's line in launchers/sd15.sh and launchers/sdxl.sh
+        zip(
+            ["data", "batch", "accumulation", "steps", "warmup", "lr", "checkpoint", "beta"],
+            [3, 13, 15, 16, 17, 18, 20, 21] if sdxl else [2, 10, 12, 13, 14, 15, 17, 18],
+        )
+    )
+    return [
+        ("algorithm", "dpo", "train.py:1125-1145"),
+        ("data.train", "hf:yuvalkirstain/pickapic_v2:train", f"{launcher}:{line['data']}; train.py:856-888"),
+        ("data.eval", None, "train.py (no evaluation; quick_samples.ipynb offline)"),
+        ("data.prompt_dropout", 0.2, "train.py:351-356 (proportion_empty_prompts)"),
+        ("rewards", {}, "train.py (offline pairs, no reward)"),
+        ("finetune.method", "full", "train.py:669-682"),
+        ("finetune.gradient_checkpointing", sdxl, "train.py:652-654 (on with --sdxl)"),
+        ("finetune.ema_decay", 0.0, "no EMA"),
+        ("optim.optimizer", "adafactor" if sdxl else "adamw", "train.py:667-682"),
+        (
+            "optim.lr",
+            2.048e-5,
+            f"{launcher}:{line['lr']} (1e-8 x 128 x 1 x 16 GPUs, --scale_lr); train.py:662-665",
+        ),
+        ("optim.weight_decay", 1e-2, "train.py:265"),
+        ("optim.max_grad_norm", 1.0, "train.py:1162-1164"),
+        ("optim.lr_schedule", "constant", f"{launcher}:{line['warmup']} (constant_with_warmup)"),
+        ("optim.warmup_steps", 200 if sdxl else 500, f"{launcher}:{line['warmup']}"),
+        ("sampler.height", 1024 if sdxl else 512, "train.py:379-383"),
+        ("dpo.beta", 5000.0, f"{launcher}:{line['beta']}"),
+        (
+            "dpo.pairs_per_step",
+            2048,
+            f"{launcher}:{line['batch']}, {line['accumulation']} (16 GPUs x 1 x 128; README.md:8)",
+        ),
+        ("dpo.micro_batch_size", 1, f"{launcher}:{line['batch']}"),
+        ("train.max_steps", 2000, f"{launcher}:{line['steps']}"),
+        ("train.checkpoint_every", 200 if sdxl else 500, f"{launcher}:{line['checkpoint']}"),
+    ]
+
 
 ANCHORS = {
     "ddpo_sd15": (
@@ -320,8 +362,94 @@ ANCHORS = {
     ),
 }
 
+ANCHORS["dpo_sd15"] = (
+    DIFFUSION_DPO,
+    [
+        (
+            "model.path",
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "launchers/sd15.sh:1, 8 (runwayml/..., moved)",
+        ),
+        ("model.dtype", "float32", "train.py:590-592 (fp32 weights, fp16 autocast)"),
+        *diffusion_dpo("launchers/sd15.sh", sdxl=False),
+        ("optim.betas", (0.9, 0.999), "train.py:263-264"),
+        ("optim.eps", 1e-8, "train.py:266"),
+    ],
+)
+ANCHORS["dpo_sdxl"] = (
+    DIFFUSION_DPO,
+    [
+        ("model.path", "stabilityai/stable-diffusion-xl-base-1.0", "launchers/sdxl.sh:1, 10"),
+        ("model.dtype", "float32", "train.py:590-592 (fp32 weights, fp16 autocast)"),
+        *diffusion_dpo("launchers/sdxl.sh", sdxl=True),
+    ],
+)
+
+ANCHORS["online_dpo_sd35"] = (
+    FLOW_GRPO,
+    [
+        ("algorithm", "online_dpo", "scripts/train_sd3_dpo.py:614-630, 926-939"),
+        ("model.path", "stabilityai/stable-diffusion-3.5-medium", "config/dpo.py:73"),
+        ("model.dtype", "float16", "config/base.py:21"),
+        ("model.max_sequence_length", 128, "scripts/train_sd3_dpo.py:602"),
+        ("seed", 42, "config/base.py:11"),
+        ("data.train", "prompts:pickscore_train", "config/dpo.py:70 (dataset/pickscore/train.txt)"),
+        ("data.eval", "prompts:pickscore_test", "config/dpo.py:70 (dataset/pickscore/test.txt)"),
+        ("rewards", {"pickscore": 1.0}, "config/dpo.py:98-100"),
+        ("finetune.method", "lora", "config/dpo.py:13"),
+        ("finetune.lora_rank", 32, "scripts/train_sd3_dpo.py:399-404"),
+        ("finetune.lora_alpha", 64, "scripts/train_sd3_dpo.py:399-404"),
+        (
+            "finetune.lora_targets",
+            [
+                "attn.add_k_proj",
+                "attn.add_q_proj",
+                "attn.add_v_proj",
+                "attn.to_add_out",
+                "attn.to_k",
+                "attn.to_out.0",
+                "attn.to_q",
+                "attn.to_v",
+            ],
+            "scripts/train_sd3_dpo.py:389-398",
+        ),
+        ("finetune.ema_decay", 0.9, "config/dpo.py:94"),
+        ("finetune.ema_every", 8, "scripts/train_sd3_dpo.py:422"),
+        ("finetune.ema_warmup", True, "flow_grpo/ema.py:33-37"),
+        ("optim.lr", 3e-4, "config/base.py:63"),
+        ("optim.weight_decay", 1e-4, "config/base.py:69"),
+        ("optim.max_grad_norm", 1.0, "config/base.py:76"),
+        ("optim.warmup_steps", 0, "scripts/train_sd3_dpo.py (no scheduler)"),
+        *COMMON_ADAM,
+        ("sampler.num_steps", 40, "config/dpo.py:74"),
+        ("sampler.guidance_scale", 4.5, "config/dpo.py:76"),
+        ("sampler.height", 512, "config/dpo.py:78"),
+        ("online_dpo.beta", 100.0, "config/dpo.py:92"),
+        ("online_dpo.samples_per_prompt", 24, "config/dpo.py:80"),
+        (
+            "online_dpo.pairs_per_step",
+            8,
+            "config/dpo.py:79-81; scripts/accelerate_configs/multi_gpu.yaml:7 (8 GPUs)",
+        ),
+        ("online_dpo.rollout_model", "reference", "scripts/train_sd3_dpo.py:618"),
+        ("online_dpo.noise_level", 0.7, "config/base.py:54; scripts/train_sd3_dpo.py:630"),
+        ("online_dpo.reference_update_every", None, "config/dpo.py:86 (ref_update_step 10000000)"),
+        ("online_dpo.shift_timesteps", True, "scripts/train_sd3_dpo.py:890-902"),
+        ("online_dpo.logit_mean", 0.0, "scripts/train_sd3_dpo.py:890-898"),
+        ("online_dpo.logit_std", 1.0, "scripts/train_sd3_dpo.py:890-898"),
+        ("online_dpo.draws_per_pair", 39, "config/dpo.py:91; scripts/train_sd3_dpo.py:320, 871-899"),
+        ("train.eval_every", 60, "config/dpo.py:96"),
+        ("train.checkpoint_every", 60, "config/dpo.py:95"),
+        ("eval.num_steps", 40, "config/dpo.py:75"),
+        ("eval.guidance_scale", 4.5, "config/dpo.py:76"),
+        ("eval.samples_per_prompt", 1, "scripts/train_sd3_dpo.py:192-291"),
+    ],
+)
+
 # presets that have no published code of their own: what their header must say they are derived from
 DERIVED = {
+    "flow_dpo_sd35": "Diffusion-DPO",
+    "flow_dpo_flux": "Diffusion-DPO",
     "grpo_sdxl": "DanceGRPO",
     "draft_sdxl": "DRaFT has no published code",
     "adjoint_matching_flux": "soc-fine-tuning-sd",

@@ -81,8 +81,7 @@ def test_presets_without_code_say_what_they_are_derived_from(name):
 
 
 def test_every_training_preset_is_anchored_or_derived():
-    dpo = {n for n in TRAIN_PRESETS if "dpo" in n}  # compared in docs/recipes.md, "DPO presets"
-    assert set(TRAIN_PRESETS) == set(ANCHORS) | set(DERIVED) | dpo
+    assert set(TRAIN_PRESETS) == set(ANCHORS) | set(DERIVED) and not set(ANCHORS) & set(DERIVED)
 
 
 # ----------------------------------------------------------------------------------------------- one step
@@ -330,10 +329,6 @@ def test_prompt_dropout_rate_and_processes(tmp_path, prompt_file):
     assert abs(rate - 0.2) < 4 * math.sqrt(0.2 * 0.8 / len(prompts))  # binomial, 4 standard errors
     assert dropped == drop_prompts(prompts, 0.2, seed=3) != drop_prompts(prompts, 0.2, seed=4)
     assert all(d in ("", p) for d, p in zip(dropped, prompts))
-    with pytest.raises(Exception, match="prompt_dropout"):  # fixed preference pairs have no prompts to drop
-        load_config(
-            TrainConfig, None, ["algorithm=dpo", "dpo.beta=100", "rewards={}", "data.prompt_dropout=0.2"]
-        )
 
 
 @pytest.mark.slow
@@ -485,7 +480,8 @@ def test_socs_loss_step_split():
 
 # ----------------------------------------------------------------------------------------------- prompt data
 def test_shipped_prompt_sets_are_the_anchors_files_byte_for_byte():
-    from vialign.prompt_data import PROMPT_SETS, git_blob_id, load_prompt_set, prompt_file
+    from vialign.data import load_prompts
+    from vialign.prompt_data import PROMPT_SETS, git_blob_id, prompt_file
 
     counts = {
         "simple_animals": 45,
@@ -496,8 +492,8 @@ def test_shipped_prompt_sets_are_the_anchors_files_byte_for_byte():
     for name, entry in PROMPT_SETS.items():
         if entry.shipped:
             assert git_blob_id(prompt_file(name).read_bytes()) == entry.blob, name
-            assert len(load_prompt_set(name)) == counts[name], name
-    assert load_prompt_set("simple_animals")[:3] == ["cat", "dog", "horse"]
+            assert len(load_prompts(f"prompts:{name}")) == counts[name], name
+    assert load_prompts("prompts:simple_animals")[:3] == ["cat", "dog", "horse"]
 
 
 def test_prompt_sets_are_fetched_checked_and_named_when_missing(tmp_path, monkeypatch, capsys):
@@ -539,3 +535,157 @@ def test_dancegrpo_prompt_rule():
     lines = ["a cat", "\u4e00\u53ea\u732b", "a dog"] + [f"p{i}" for i in range(60_000)]
     kept = select_prompts(PROMPT_SETS["hpdv2"], lines)
     assert kept[:2] == ["a cat", "a dog"] and len(kept) == 50_000
+
+
+# ----------------------------------------------------------------------------------------------- DPO knobs
+def online_dpo_config(tmp_path, model, prompt_file, *extra: str) -> TrainConfig:
+    return load_config(
+        TrainConfig,
+        None,
+        [
+            "algorithm=online_dpo",
+            f"model.path={model}",
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={prompt_file}",
+            "data.eval=null",
+            "rewards={brightness: {}}",
+            "finetune.lora_rank=4",
+            "optim.lr=1e-2",
+            "sampler.num_steps=3",
+            "sampler.height=32",
+            "sampler.width=32",
+            "online_dpo.beta=100",
+            "online_dpo.samples_per_prompt=2",
+            "online_dpo.pairs_per_step=2",
+            "online_dpo.micro_batch_size=1",
+            "train.max_steps=4",
+            "train.eval_every=0",
+            "train.checkpoint_every=0",
+            "train.tensorboard=false",
+            *extra,
+        ],
+    )
+
+
+def recorded_rollouts(trainer) -> list[torch.Tensor]:
+    finals, original = [], trainer.algorithm.context.rollout
+
+    def rollout(*args, **kwargs):
+        trajectory = original(*args, **kwargs)
+        finals.append(trajectory.final.clone())
+        return trajectory
+
+    trainer.algorithm.context.rollout = rollout
+    return finals
+
+
+def test_online_dpo_samples_from_the_reference_and_refreshes_it(
+    tmp_path, tiny_dir, prompt_file, quiet_libraries
+):
+    """flow_grpo's DPO: pairs from the reference's samples (the initial model until refreshed), the
+    reference replaced by the policy every N steps, and kept through a checkpoint."""
+    from vialign.trainer import Trainer
+
+    model = tiny_dir("sd3")
+    config = online_dpo_config(
+        tmp_path / "ref",
+        model,
+        prompt_file,
+        "online_dpo.rollout_model=reference",
+        "online_dpo.reference_update_every=2",
+        "online_dpo.noise_level=0.7",
+        "train.checkpoint_every=2",
+    )
+    trainer = Trainer(config, progress=False)
+    finals = recorded_rollouts(trainer)
+    trainer.algorithm.step(1)
+    trainer.algorithm.step(2)  # weights moved at step 1; step 2 still samples the initial model
+    policy = Trainer(
+        online_dpo_config(tmp_path / "policy", model, prompt_file, "online_dpo.noise_level=0.7"),
+        progress=False,
+    )
+    policy_finals = recorded_rollouts(policy)
+    for step in (1, 2):
+        policy.algorithm.step(step)
+    assert len(finals) == len(policy_finals) == 4  # two rollout calls (one group each) per step
+    assert all(
+        torch.equal(a, b) for a, b in zip(finals[:2], policy_finals[:2])
+    )  # step 1: both the initial model
+    assert not torch.equal(finals[2], policy_finals[2])  # step 2: the policy has moved, the reference not
+    assert trainer.reference_snapshot is None
+    after_two = [p.detach().clone() for p in trainer.trainable]
+    trainer.save_checkpoint(2)
+    trainer.algorithm.step(3)  # (3 - 1) % 2 == 0: the reference becomes the policy of step 2's end
+    assert all(torch.equal(a, b) for a, b in zip(trainer.reference_snapshot, after_two))
+    trainer.save_checkpoint(3)
+    resumed = Trainer(config, resume=True, progress=False)
+    assert resumed.start_step == 4
+    assert all(torch.equal(a, b) for a, b in zip(resumed.reference_snapshot, after_two))
+    with resumed.reference():  # the snapshot stands in for the weights inside, the trained ones after
+        assert all(torch.equal(p, b) for p, b in zip(resumed.trainable, after_two))
+    assert not all(torch.equal(p, b) for p, b in zip(resumed.trainable, after_two))
+
+
+def test_dpo_shifted_logit_normal_timesteps(tiny_dir, quiet_libraries):
+    """flow_grpo's DPO draws sigma from the scheduler's shifted sigmas: s t / (1 + (s - 1) t), t logit-normal."""
+    from vialign.algorithms.dpo import DPOSettings, dpo_timesteps
+    from vialign.config import ModelConfig
+    from vialign.sample import load_model
+
+    adapter = load_model(ModelConfig(path=tiny_dir("sd3"), scheduler={"shift": 3.0}), device="cpu")
+    plain = dpo_timesteps(adapter, 1000, DPOSettings(beta=1), torch.Generator().manual_seed(0)) / 1000
+    shifted = dpo_timesteps(
+        adapter, 1000, DPOSettings(beta=1, shift_timesteps=True), torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(shifted / 1000, 3 * plain / (1 + 2 * plain))
+    u = torch.logit(plain.double())
+    assert abs(float(u.mean())) < 4 / math.sqrt(1000) and abs(float(u.std()) - 1) < 0.1  # logit-normal(0, 1)
+
+
+def test_dpo_prompt_dropout_and_draws_per_pair(tmp_path, tiny_dir, quiet_libraries):
+    """Diffusion-DPO's proportion_empty_prompts drops the pairs' prompts (seeded per step, the same on every
+    process); draws_per_pair averages the loss over several (noise, t) draws in one update."""
+    from train_two_steps import regularizer_images
+
+    from vialign.algorithms.base import PROMPT_DROPOUT_STREAM, drop_prompts
+    from vialign.seeds import mix_seed
+    from vialign.trainer import Trainer
+
+    regularizer_images(tmp_path / "images")
+    config = load_config(
+        TrainConfig,
+        None,
+        [
+            "algorithm=dpo",
+            f"model.path={tiny_dir('sd3')}",
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={tmp_path / 'images' / 'preferences.jsonl'}",
+            "data.eval=null",
+            "data.prompt_dropout=0.5",
+            "rewards={}",
+            "finetune.lora_rank=4",
+            "sampler.height=32",
+            "sampler.width=32",
+            "dpo.beta=100",
+            "dpo.pairs_per_step=4",
+            "dpo.micro_batch_size=2",
+            "dpo.draws_per_pair=3",
+            "train.tensorboard=false",
+        ],
+    )
+    trainer = Trainer(config, progress=False)
+    seen = []
+    original = trainer.algorithm.dpo_update
+    trainer.algorithm.dpo_update = lambda step, prompts, *rest: (
+        seen.append(prompts) or original(step, prompts, *rest)
+    )
+    from vialign.data import prompts_for_step
+
+    latents = trainer.algorithm.latents
+    indices = prompts_for_step(range(len(latents.prompts)), 1, 4, config.seed)
+    metrics = trainer.algorithm.step(1)
+    expected = drop_prompts(
+        [latents.prompts[i] for i in indices], 0.5, mix_seed(config.seed, 1, PROMPT_DROPOUT_STREAM)
+    )
+    assert seen[0] == expected and "" in expected
+    assert trainer.optimizer_updates == 1 and math.isfinite(metrics["loss"])

@@ -173,7 +173,7 @@ def test_gradient_methods_reject_bad_input(tmp_path, quiet_libraries):
 @pytest.mark.parametrize(
     "name, algorithm, model",
     [
-        ("refl_sd15", "refl", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        ("refl_sd15", "refl", "CompVis/stable-diffusion-v1-4"),
         ("alignprop_sd15", "alignprop", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
         ("draft_sdxl", "draft", "stabilityai/stable-diffusion-xl-base-1.0"),
         ("adjoint_matching_sd15", "adjoint_matching", "stable-diffusion-v1-5/stable-diffusion-v1-5"),

@@ -340,8 +340,10 @@ class FinetuneConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    optimizer: Literal["adamw", "adamw8bit"] = Field(
-        "adamw", description="adamw, or adamw8bit (needs bitsandbytes and a GPU)"
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = Field(
+        "adamw",
+        description="adamw, adamw8bit (needs bitsandbytes and a GPU), or adafactor (transformers' Adafactor "
+        "at a fixed lr, no relative step, update clip 1: Diffusion-DPO's SDXL run; betas and eps unused)",
     )
     lr: float = Field(3e-4, gt=0, le=1, description="peak learning rate")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
@@ -468,11 +470,6 @@ class TrainConfig(StrictModel):
             ) from None
         algorithm.check_settings(settings, self.sampler.num_steps)
         self.__pydantic_extra__[self.algorithm] = settings
-        if algorithm.data == "preference_pairs" and self.data.prompt_dropout:
-            raise ValueError(
-                f"data.prompt_dropout: {self.algorithm} trains on fixed preference pairs, whose prompts are not "
-                "dropped; set data.prompt_dropout=0"
-            )
         if algorithm.reward != "none" and not self.rewards:
             raise ValueError("rewards: at least one training reward is needed, e.g. rewards: {pickscore: {}}")
         return self

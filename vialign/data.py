@@ -42,9 +42,11 @@ def _require_datasets(source: str):
 def load_prompts(spec: str, column: str = "prompt") -> list[str]:
     """The prompts named by ``spec`` (see the module docstring); empty sources are an error."""
     if spec.startswith("prompts:"):
-        from vialign.prompt_data import load_prompt_set
+        from vialign.prompt_data import prompt_file, prompt_set, select_prompts
 
-        prompts = load_prompt_set(spec.removeprefix("prompts:"))
+        entry = prompt_set(spec.removeprefix("prompts:"))
+        path = prompt_file(spec.removeprefix("prompts:"))
+        prompts = select_prompts(entry, read_prompt_file(path, entry.column))
     elif spec.startswith("shapeworld:"):
         from rewards import shapeworld as sw
 

@@ -4,8 +4,8 @@ Small sets are shipped (``assets/prompts``); larger ones are fetched once from t
 pinned commit with ``vialign prompts get NAME`` and checked against the git blob id of that file, so what a
 preset trains on is byte for byte what the paper's code read. ``vialign prompts list`` shows them all.
 
-    load_prompts("prompts:pickscore_test")     # shipped: 2,048 Pick-a-Pic prompts (Flow-GRPO's eval set)
-    load_prompts("prompts:refl")               # needs `vialign prompts get refl` first
+    vialign.data.load_prompts("prompts:pickscore_test")   # shipped: 2,048 prompts (Flow-GRPO's eval set)
+    vialign.data.load_prompts("prompts:refl")             # needs `vialign prompts get refl` first
 """
 
 from __future__ import annotations
@@ -191,10 +191,3 @@ def select_prompts(entry: PromptSet, prompts: list[str]) -> list[str]:
     if entry.rule == "dancegrpo":
         return [p for p in prompts if not _CJK.search(p)][:50_000]
     return prompts
-
-
-def load_prompt_set(name: str) -> list[str]:
-    from vialign.data import read_prompt_file
-
-    entry = prompt_set(name)
-    return select_prompts(entry, read_prompt_file(prompt_file(name), entry.column))

@@ -140,6 +140,10 @@ class Trainer:
         self.ema = [p.detach().clone().float() for p in self.trainable] if config.finetune.ema_decay else None
         self.optimizer_updates = 0  # optimizer steps taken (an algorithm may take several per training step)
         self.reference_denoiser = self._reference()
+        self.reference_snapshot: list[torch.Tensor] | None = (
+            None  # LoRA: the reference's weights, once refreshed
+        )
+        self.reference_refreshed = False
         self.algorithm = self.algorithm_class(config.settings, self.context())
         self.start_step = 1
         resume_step = self._resume() if resume else None
@@ -180,6 +184,7 @@ class Trainer:
             processes=self.processes,
             reference=self.reference,
             optimizer_step=self.optimizer_step,
+            refresh_reference=self.refresh_reference,
         )
 
     def _check_output_dir(self, resume: bool) -> None:
@@ -320,6 +325,18 @@ class Trainer:
                     "or use optim.optimizer=adamw"
                 ) from None
             cls = bnb.optim.AdamW8bit
+        elif optim.optimizer == "adafactor":
+            from transformers.optimization import Adafactor
+
+            return Adafactor(
+                self.trainable,
+                lr=optim.lr,
+                weight_decay=optim.weight_decay,
+                clip_threshold=1.0,
+                scale_parameter=False,
+                relative_step=False,
+                warmup_init=False,
+            )
         else:
             cls = torch.optim.AdamW
         return cls(
@@ -336,9 +353,41 @@ class Trainer:
         return reference.to("cpu") if self.config.finetune.reference_on_cpu else reference
 
     # ------------------------------------------------------------------ services for algorithms
+    def _refreshed_reference(self) -> list[torch.Tensor] | None:
+        """The reference's weights (in the order of the trainable ones) once refreshed, else None."""
+        if not self.reference_refreshed:
+            return None
+        if self.reference_denoiser is not None:
+            return [p.detach() for p in self.reference_denoiser.parameters()]
+        return self.reference_snapshot
+
+    def refresh_reference(self) -> None:
+        """Make the reference the current policy (online DPO's reference updates): the frozen copy takes the
+        trained weights (full fine-tuning), or a snapshot of the LoRA weights replaces "LoRA disabled"."""
+        with torch.no_grad():
+            if self.reference_denoiser is not None:
+                for target, param in zip(self.reference_denoiser.parameters(), self.trainable):
+                    target.copy_(param)
+            else:
+                self.reference_snapshot = [p.detach().clone() for p in self.trainable]
+        self.reference_refreshed = True
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
-        """The reference policy of KL terms: LoRA disabled, or the frozen copy for full fine-tuning."""
+        """The reference policy of KL terms: LoRA disabled (or its refreshed snapshot), or the frozen copy
+        for full fine-tuning."""
+        if self.reference_denoiser is None and self.reference_snapshot is not None:
+            current = [p.detach().clone() for p in self.trainable]
+            with torch.no_grad():
+                for param, value in zip(self.trainable, self.reference_snapshot):
+                    param.copy_(value)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for param, value in zip(self.trainable, current):
+                        param.copy_(value)
+            return
         if self.reference_denoiser is None:
             with self.adapter.lora_disabled():
                 yield
@@ -527,6 +576,9 @@ class Trainer:
             tensors.update(optimizer_tensors)
             if self.ema is not None:
                 tensors.update({f"ema.{n}": e for n, e in zip(names, self.ema)})
+            reference = self._refreshed_reference()
+            if reference is not None:
+                tensors.update({f"reference.{n}": r for n, r in zip(names, reference)})
             state = {
                 "optimizer": optimizer_meta,
                 "algorithm": self.algorithm.state_dict(),
@@ -554,6 +606,17 @@ class Trainer:
             if self.ema is not None:
                 for name, average in zip(names, self.ema):
                     average.copy_(tensors[f"ema.{name}"])
+        if f"reference.{names[0]}" in tensors:  # online DPO refreshed its reference before this checkpoint
+            reference = [
+                tensors[f"reference.{n}"].to(p.device, p.dtype) for n, p in zip(names, self.trainable)
+            ]
+            if self.reference_denoiser is not None:
+                with torch.no_grad():
+                    for target, value in zip(self.reference_denoiser.parameters(), reference):
+                        target.copy_(value)
+            else:
+                self.reference_snapshot = reference
+            self.reference_refreshed = True
         optimizer_from_flat(self.optimizer, tensors, state["optimizer"])
         self.algorithm.load_state_dict(state["algorithm"])
         self.optimizer_updates = state.get("optimizer_updates", state["step"])

@@ -91,6 +91,7 @@ class TrainingContext:
     processes: Processes = field(default_factory=Processes)
     reference: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     optimizer_step: Callable[[int], float] = lambda step: 0.0  # clip, step, zero grads, EMA; -> grad norm
+    refresh_reference: Callable[[], None] = lambda: None  # the reference becomes the current policy
 
     @property
     def world_size(self) -> int:

@@ -13,24 +13,30 @@ u ~ N(logit_mean, logit_std^2) (the logit-normal of SD3's training, as flow_grpo
 reference is the policy with its LoRA disabled (or a frozen copy for full fine-tuning).
 
 ``dpo`` reads pairs from ``data.train`` (``vialign.preferences``), encoded once by the VAE.
-``online_dpo`` samples ``samples_per_prompt`` images of each prompt with the current policy, scores them
-with the reward and pairs the best with the worst (their final latents, no re-encode); the reference
-stays the initial model.
+``online_dpo`` samples ``samples_per_prompt`` images of each prompt with the current policy (or, as
+flow_grpo's DPO trainer, with the reference: ``rollout_model``; ODE or an SDE: ``noise_level``), scores
+them with the reward and pairs the best with the worst (their final latents, no re-encode); the reference
+stays the initial model unless ``reference_update_every`` copies the policy into it. ``shift_timesteps``
+and ``draws_per_pair`` are flow_grpo's shifted logit-normal t and its 39 (noise, t) draws per pair.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Literal
 
 import torch
 from pydantic import Field
 
 from pipelines.adapter import Guidance
-from vialign.algorithms.base import Algorithm, TrainingContext, register
+from vialign.algorithms.base import PROMPT_DROPOUT_STREAM, Algorithm, TrainingContext, drop_prompts, register
 from vialign.data import prompts_for_step
+from vialign.errors import VialignInputError
 from vialign.losses import denoising_target, dpo_loss
-from vialign.sampling import Sampler
+from vialign.sampling import Sampler, sde_sampler
 from vialign.schema import StrictModel
+from vialign.seeds import mix_seed
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +55,18 @@ class DPOSettings(StrictModel):
     micro_batch_size: int = Field(4, ge=1, le=4096, description="pairs per denoiser call (memory)")
     logit_mean: float = Field(0.0, description="flow models: mean of the logit-normal t")
     logit_std: float = Field(1.0, gt=0, description="flow models: std of the logit-normal t")
+    shift_timesteps: bool = Field(
+        False,
+        description="flow models: pass the logit-normal t through the scheduler's static shift "
+        "(sigma = s t / (1 + (s - 1) t)), as flow_grpo's DPO trainer draws from the shifted sigmas",
+    )
+    draws_per_pair: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="(noise, t) draws per pair in one update, the loss averaged over them "
+        "(flow_grpo: int(40 x 0.99) = 39)",
+    )
 
 
 class OnlineDPOSettings(DPOSettings):
@@ -56,6 +74,23 @@ class OnlineDPOSettings(DPOSettings):
 
     samples_per_prompt: int = Field(4, ge=2, le=1024, description="policy samples per prompt; best vs worst")
     pairs_per_step: int = Field(8, ge=1, le=4096, description="prompts (one pair each) per training step")
+    rollout_model: Literal["policy", "reference"] = Field(
+        "policy",
+        description="whose samples make the pairs: the policy's, or the reference's (flow_grpo's DPO samples "
+        "from its reference adapter)",
+    )
+    noise_level: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="0: ODE samples; > 0: the model kind's SDE at this level (flow_grpo: 0.7)",
+    )
+    reference_update_every: int | None = Field(
+        None,
+        ge=1,
+        description="copy the policy into the reference every N training steps (flow_grpo's OnlineDPO: 40); "
+        "null: the reference stays the initial model",
+    )
 
 
 def dpo_timesteps(adapter, count: int, settings: DPOSettings, generator: torch.Generator) -> torch.Tensor:
@@ -63,7 +98,16 @@ def dpo_timesteps(adapter, count: int, settings: DPOSettings, generator: torch.G
     total = adapter.scheduler.config.num_train_timesteps
     if adapter.kind == "flow":
         u = torch.randn(count, generator=generator) * settings.logit_std + settings.logit_mean
-        return torch.sigmoid(u) * total
+        sigma = torch.sigmoid(u)
+        if settings.shift_timesteps:
+            if adapter.scheduler.config.get("use_dynamic_shifting", False):
+                raise VialignInputError(
+                    "shift_timesteps uses the scheduler's static shift, but this model shifts by resolution: "
+                    "set model.scheduler.shift (e.g. 3.0) or shift_timesteps: false"
+                )
+            shift = float(adapter.scheduler.config.get("shift", 1.0))
+            sigma = shift * sigma / (1 + (shift - 1) * sigma)
+        return sigma * total
     return torch.randint(total, (count,), generator=generator).float()
 
 
@@ -95,11 +139,34 @@ class _PreferenceStep:
         context, settings = self.context, self.settings
         adapter = context.adapter
         generator = torch.Generator().manual_seed(context.sample_seed(step, 2**43))
-        # every pair's noise and t, for the whole global batch (the same on every process)
-        t_all = dpo_timesteps(adapter, count, settings, generator)
-        noise_all = torch.randn((count, *chosen.shape[1:]), generator=generator)
         guidance = Guidance(embedded=context.guidance.embedded)  # the conditional prediction, as trained
         totals = torch.zeros(5, device=adapter.device)  # loss, accuracy, model_diff, ref_diff, pairs
+        draws = settings.draws_per_pair
+        for _ in range(draws):
+            # every pair's noise and t, for the whole global batch (the same on every process)
+            t_all = dpo_timesteps(adapter, count, settings, generator)
+            noise_all = torch.randn((count, *chosen.shape[1:]), generator=generator)
+            totals += self._accumulate(
+                prompts, chosen, rejected, t_all, noise_all, lo, count * draws, guidance
+            )
+        grad_norm = context.optimizer_step(step)
+        totals = context.reduce(totals)
+        pairs = totals[4]
+        return {
+            "loss": float(totals[0] / pairs),
+            "implicit_accuracy": float(totals[1] / pairs),
+            "mse_gap/policy": float(totals[2] / pairs),  # mean e_w - e_l
+            "mse_gap/reference": float(totals[3] / pairs),
+            "grad_norm": grad_norm,
+        }
+
+    def _accumulate(
+        self, prompts, chosen, rejected, t_all, noise_all, lo: int, total: int, guidance
+    ) -> torch.Tensor:
+        """Backward of this process's pairs' DPO losses at one (noise, t) draw, each divided by ``total``;
+        returns the summed loss, accuracy, model and reference gaps and the pair count."""
+        context, settings, adapter = self.context, self.settings, self.context.adapter
+        totals = torch.zeros(5, device=adapter.device)
         for start in range(0, len(prompts), settings.micro_batch_size):
             end = min(start + settings.micro_batch_size, len(prompts))
             n = end - start
@@ -114,7 +181,7 @@ class _PreferenceStep:
             with context.train_mode():
                 errors = pair_errors(adapter, x0, noise, t, cond, guidance)
             out = dpo_loss(errors[:n], errors[n:], ref[:n], ref[n:], settings.beta)
-            context.backward(out.loss.sum() / count)
+            context.backward(out.loss.sum() / total)
             totals += torch.stack(
                 [
                     out.loss.detach().sum(),
@@ -124,16 +191,7 @@ class _PreferenceStep:
                     torch.tensor(float(n), device=totals.device),
                 ]
             )
-        grad_norm = context.optimizer_step(step)
-        totals = context.reduce(totals)
-        pairs = totals[4]
-        return {
-            "loss": float(totals[0] / pairs),
-            "implicit_accuracy": float(totals[1] / pairs),
-            "mse_gap/policy": float(totals[2] / pairs),  # mean e_w - e_l
-            "mse_gap/reference": float(totals[3] / pairs),
-            "grad_norm": grad_norm,
-        }
+        return totals
 
 
 @register
@@ -160,9 +218,13 @@ class DPO(_PreferenceStep, Algorithm):
         indices = prompts_for_step(range(len(self.latents.prompts)), step, count, self.context.seed)
         lo, hi = self.context.local_range(count)
         mine = torch.tensor(indices[lo:hi], dtype=torch.long)
+        prompts = [self.latents.prompts[i] for i in indices]
+        if self.context.prompt_dropout:  # Diffusion-DPO's proportion_empty_prompts
+            seed = mix_seed(self.context.seed, step, PROMPT_DROPOUT_STREAM)
+            prompts = drop_prompts(prompts, self.context.prompt_dropout, seed)
         return self.dpo_update(
             step,
-            [self.latents.prompts[i] for i in indices[lo:hi]],
+            prompts[lo:hi],
             self.latents.chosen[mine],
             self.latents.rejected[mine],
             count,
@@ -192,11 +254,22 @@ class OnlineDPO(_PreferenceStep, Algorithm):
                 f"online_dpo: each process must hold whole groups; make pairs_per_step x samples_per_prompt "
                 f"({len(batch)}) a multiple of {k} x the number of processes"
             )
-        with torch.no_grad():
+        every = settings.reference_update_every
+        if every and step > 1 and (step - 1) % every == 0:  # flow_grpo: before sampling, every N updates
+            context.refresh_reference()
+        sampler = (
+            sde_sampler(context.adapter.kind, noise_level=settings.noise_level)
+            if settings.noise_level
+            else Sampler()
+        )
+        sampling_model = (
+            context.reference if settings.rollout_model == "reference" else contextlib.nullcontext
+        )
+        with torch.no_grad(), sampling_model():
             latents, scores = [], []
             for start in range(lo, hi, settings.micro_batch_size * k):
                 end = min(start + settings.micro_batch_size * k, hi)
-                final = context.rollout(batch[start:end], step, start, Sampler()).final
+                final = context.rollout(batch[start:end], step, start, sampler).final
                 pixels = context.adapter.decode(final)
                 scores.append(context.reward(pixels, batch[start:end]).score.float().cpu())
                 latents.append(final.float().cpu())

@@ -689,3 +689,41 @@ def test_dpo_prompt_dropout_and_draws_per_pair(tmp_path, tiny_dir, quiet_librari
     )
     assert seen[0] == expected and "" in expected
     assert trainer.optimizer_updates == 1 and math.isfinite(metrics["loss"])
+
+
+def test_adafactor_is_diffusion_dpos_sdxl_optimizer_and_resumes(
+    tmp_path, tiny_dir, prompt_file, quiet_libraries
+):
+    """optim.optimizer=adafactor: transformers' Adafactor as Diffusion-DPO builds it for SDXL (fixed lr, no
+    relative step or parameter scaling, update clip 1, weight decay), and its state survives a checkpoint."""
+    from transformers.optimization import Adafactor
+
+    from vialign.checkpoint import optimizer_from_flat, optimizer_to_flat
+    from vialign.trainer import Trainer
+
+    config = small_grpo(
+        tmp_path, tiny_dir("sd3"), prompt_file, "optim.optimizer=adafactor", "optim.weight_decay=0.01"
+    )
+    trainer = Trainer(config, progress=False)
+    optimizer = trainer.optimizer
+    assert isinstance(optimizer, Adafactor)
+    group = optimizer.param_groups[0]
+    assert (
+        group["relative_step"],
+        group["scale_parameter"],
+        group["clip_threshold"],
+        group["weight_decay"],
+    ) == (
+        False,
+        False,
+        1.0,
+        0.01,
+    )
+    trainer.algorithm.step(1)
+    tensors, meta = optimizer_to_flat(optimizer)
+    fresh = Trainer(
+        small_grpo(tmp_path / "b", tiny_dir("sd3"), prompt_file, "optim.optimizer=adafactor"), progress=False
+    )
+    optimizer_from_flat(fresh.optimizer, tensors, meta)
+    again, _ = optimizer_to_flat(fresh.optimizer)
+    assert tensors.keys() == again.keys() and all(torch.equal(tensors[k], again[k]) for k in tensors)

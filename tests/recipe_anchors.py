@@ -27,6 +27,17 @@ IMAGEREWARD = "THUDM/ImageReward@c1392c6"
 ALIGNPROP = "mihirp1998/AlignProp@b22918a"
 SOC = "microsoft/soc-fine-tuning-sd@489f904"
 DIFFUSION_DPO = "SalesforceAIResearch/DiffusionDPO@5233e75"
+# flow_grpo's SD3.5 LoRA targets (train_sd3.py:419-428, train_sd3_dpo.py:389-398): SD3.5-M's attn2 is not adapted
+FLOW_GRPO_LORA_TARGETS = [
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn.to_k",
+    "attn.to_out.0",
+    "attn.to_q",
+    "attn.to_v",
+]
 COMMON_ADAM = [
     ("optim.betas", (0.9, 0.999), "torch.optim.AdamW default"),
     ("optim.eps", 1e-8, "torch.optim.AdamW default"),
@@ -134,20 +145,7 @@ ANCHORS = {
             ("finetune.method", "lora", "config/base.py:25"),
             ("finetune.lora_rank", 32, "scripts/train_sd3.py:430"),
             ("finetune.lora_alpha", 64, "scripts/train_sd3.py:431"),
-            (
-                "finetune.lora_targets",
-                [
-                    "attn.add_k_proj",
-                    "attn.add_q_proj",
-                    "attn.add_v_proj",
-                    "attn.to_add_out",
-                    "attn.to_k",
-                    "attn.to_out.0",
-                    "attn.to_q",
-                    "attn.to_v",
-                ],
-                "scripts/train_sd3.py:419-428",
-            ),
+            ("finetune.lora_targets", FLOW_GRPO_LORA_TARGETS, "scripts/train_sd3.py:419-428"),
             ("finetune.ema_decay", 0.9, "config/grpo.py:130; scripts/train_sd3.py:445"),
             ("finetune.ema_every", 8, "scripts/train_sd3.py:445 (update_step_interval)"),
             ("finetune.ema_warmup", True, "flow_grpo/ema.py:33-37"),
@@ -401,16 +399,7 @@ ANCHORS["online_dpo_sd35"] = (
         ("finetune.lora_alpha", 64, "scripts/train_sd3_dpo.py:399-404"),
         (
             "finetune.lora_targets",
-            [
-                "attn.add_k_proj",
-                "attn.add_q_proj",
-                "attn.add_v_proj",
-                "attn.to_add_out",
-                "attn.to_k",
-                "attn.to_out.0",
-                "attn.to_q",
-                "attn.to_v",
-            ],
+            FLOW_GRPO_LORA_TARGETS,
             "scripts/train_sd3_dpo.py:389-398",
         ),
         ("finetune.ema_decay", 0.9, "config/dpo.py:94"),

@@ -170,7 +170,8 @@ def test_every_preset_trains_one_step_on_a_tiny_model_of_its_family(
 
 
 # ----------------------------------------------------------------------------------------------- knobs
-def small_grpo(tmp_path, model, prompt_file, *extra: str) -> TrainConfig:
+def tiny_run(tmp_path, model, prompt_file, *extra: str) -> TrainConfig:
+    """A tiny-model run on ``prompt_file`` (brightness reward, 32 px, LoRA rank 4); ``extra`` win."""
     return load_config(
         TrainConfig,
         None,
@@ -182,19 +183,25 @@ def small_grpo(tmp_path, model, prompt_file, *extra: str) -> TrainConfig:
             "rewards={brightness: {}}",
             "finetune.lora_rank=4",
             "optim.lr=1e-2",
-            "sampler.num_steps=4",
             "sampler.height=32",
             "sampler.width=32",
-            "grpo.group_size=4",
-            "grpo.prompts_per_step=2",
-            "grpo.micro_batch_size=2",
-            "grpo.clip_range=0.2",
-            "train.max_steps=1",
             "train.eval_every=0",
             "train.checkpoint_every=0",
             "train.tensorboard=false",
             *extra,
         ],
+    )
+
+
+def small_grpo(tmp_path, model, prompt_file, *extra: str) -> TrainConfig:
+    settings = [
+        "grpo.group_size=4",
+        "grpo.prompts_per_step=2",
+        "grpo.micro_batch_size=2",
+        "grpo.clip_range=0.2",
+    ]
+    return tiny_run(
+        tmp_path, model, prompt_file, "sampler.num_steps=4", "train.max_steps=1", *settings, *extra
     )
 
 
@@ -539,31 +546,15 @@ def test_dancegrpo_prompt_rule():
 
 # ----------------------------------------------------------------------------------------------- DPO knobs
 def online_dpo_config(tmp_path, model, prompt_file, *extra: str) -> TrainConfig:
-    return load_config(
-        TrainConfig,
-        None,
-        [
-            "algorithm=online_dpo",
-            f"model.path={model}",
-            f"output_dir={tmp_path / 'run'}",
-            f"data.train={prompt_file}",
-            "data.eval=null",
-            "rewards={brightness: {}}",
-            "finetune.lora_rank=4",
-            "optim.lr=1e-2",
-            "sampler.num_steps=3",
-            "sampler.height=32",
-            "sampler.width=32",
-            "online_dpo.beta=100",
-            "online_dpo.samples_per_prompt=2",
-            "online_dpo.pairs_per_step=2",
-            "online_dpo.micro_batch_size=1",
-            "train.max_steps=4",
-            "train.eval_every=0",
-            "train.checkpoint_every=0",
-            "train.tensorboard=false",
-            *extra,
-        ],
+    settings = [
+        "algorithm=online_dpo",
+        "online_dpo.beta=100",
+        "online_dpo.samples_per_prompt=2",
+        "online_dpo.pairs_per_step=2",
+        "online_dpo.micro_batch_size=1",
+    ]
+    return tiny_run(
+        tmp_path, model, prompt_file, "sampler.num_steps=3", "train.max_steps=4", *settings, *extra
     )
 
 

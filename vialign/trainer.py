@@ -377,16 +377,8 @@ class Trainer:
         """The reference policy of KL terms: LoRA disabled (or its refreshed snapshot), or the frozen copy
         for full fine-tuning."""
         if self.reference_denoiser is None and self.reference_snapshot is not None:
-            current = [p.detach().clone() for p in self.trainable]
-            with torch.no_grad():
-                for param, value in zip(self.trainable, self.reference_snapshot):
-                    param.copy_(value)
-            try:
+            with self.trainable_replaced_by(self.reference_snapshot):
                 yield
-            finally:
-                with torch.no_grad():
-                    for param, value in zip(self.trainable, current):
-                        param.copy_(value)
             return
         if self.reference_denoiser is None:
             with self.adapter.lora_disabled():
@@ -431,10 +423,16 @@ class Trainer:
         if self.ema is None:
             yield
             return
+        with self.trainable_replaced_by(self.ema):
+            yield
+
+    @contextlib.contextmanager
+    def trainable_replaced_by(self, values: list[torch.Tensor]) -> Iterator[None]:
+        """``values`` in place of the trainable weights inside the block, the trained ones restored after."""
         saved = [p.detach().clone() for p in self.trainable]
         with torch.no_grad():
-            for param, average in zip(self.trainable, self.ema):
-                param.copy_(average)
+            for param, value in zip(self.trainable, values):
+                param.copy_(value)
         try:
             yield
         finally:

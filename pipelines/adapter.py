@@ -29,6 +29,7 @@ from torch import nn
 from pipelines.embeds import PromptCache, PromptEmbeds
 from pipelines.errors import PipelineInputError
 from pipelines.prediction import Prediction, convert_prediction
+from pipelines.safetensors_io import load_checked, save_checked, verify_file
 from pipelines.schedules import Schedule, diffusion_coefficients, schedule_from_scheduler, stateless_scheduler
 
 logger = logging.getLogger(__name__)
@@ -204,9 +205,12 @@ class GeneratorAdapter:
             with torch.no_grad():
                 return self._encode_prompts(prompts)
         missing = list(dict.fromkeys(p for p in prompts if p not in self.prompt_cache))
-        if missing:
-            with torch.no_grad():
-                self.prompt_cache.put(missing, self._encode_prompts(missing))
+        with torch.no_grad():
+            # One prompt per encoder call: a batched matmul's last bits depend on the batch's size and
+            # company, so batching would make a prompt's row depend on which step first needed it, and a
+            # resumed run (or another process) would not reproduce an uninterrupted one bitwise.
+            for prompt in missing:
+                self.prompt_cache.put([prompt], self._encode_prompts([prompt]))
         return self.prompt_cache.get(prompts).to(self.device)
 
     def uncond_embeds(self, batch_size: int, negative_prompt: str | None = None) -> PromptEmbeds:
@@ -499,8 +503,11 @@ class GeneratorAdapter:
                     f"{self.denoiser_name}_lora_adapter_metadata": peft_config.to_dict(),
                 },
             )
+            # re-written with vialign's checksum in the header (diffusers ignores the extra key), so that
+            # a LoRA damaged on disk is refused when read instead of loading wrong weights
+            tensors, metadata = load_checked(os.path.join(tmp, LORA_WEIGHT_NAME), "LoRA weights")
             target = os.path.join(directory, LORA_WEIGHT_NAME)
-            os.replace(os.path.join(tmp, LORA_WEIGHT_NAME), target)
+            save_checked(tensors, target, metadata)
         return target
 
     def load_lora(self, path: str | os.PathLike, adapter_name: str = "default") -> None:
@@ -512,6 +519,7 @@ class GeneratorAdapter:
             folder, weight_name = os.path.dirname(path) or ".", os.path.basename(path)
         if not os.path.isfile(os.path.join(folder, weight_name)):
             raise PipelineInputError(f"no LoRA weights at {os.path.join(folder, weight_name)}")
+        verify_file(os.path.join(folder, weight_name), "LoRA weights")
         self.unwrapped_denoiser.load_lora_adapter(
             folder, weight_name=weight_name, prefix=self.denoiser_name, adapter_name=adapter_name
         )

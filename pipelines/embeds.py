@@ -14,9 +14,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from pipelines.errors import PipelineInputError
+from pipelines.safetensors_io import load_checked, read_metadata, save_checked
 
 
 @dataclass
@@ -68,9 +68,9 @@ class PromptEmbeds:
 class PromptCache:
     """Per-prompt rows of encoded prompts, so that a prompt is encoded once per process.
 
-    Rows are stored one prompt each: CLIP and T5 pad to a fixed length, so a prompt's row does not
-    depend on which other prompts shared its batch, and a cached row is bitwise the row a fresh batch
-    would give in the same position. ``save``/``load`` write and read a safetensors file; its metadata
+    Rows are stored one prompt each, encoded one prompt per call (``GeneratorAdapter.encode_prompt``): a
+    prompt's row is then bitwise the same whichever prompts were encoded before or beside it, which a
+    batched encoding cannot promise (a matmul's last bits depend on the batch). ``save``/``load`` write and read a safetensors file; its metadata
     names the model it came from, and loading it for another model is an error.
     """
 
@@ -108,18 +108,13 @@ class PromptCache:
             "prompts": json.dumps(prompts),
             "format": "vialign.prompt_embeds.v1",
         }
-        tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        save_checked(tensors, path, metadata)
 
     def load(self, path: str | os.PathLike, device: torch.device | str | None = None) -> int:
         """Add the rows stored in ``path``; returns how many prompts it held."""
         if not os.path.isfile(path):
             raise PipelineInputError(f"prompt-embedding file not found: {os.fspath(path)}")
-        from safetensors import safe_open
-
-        with safe_open(os.fspath(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+        metadata = read_metadata(path, "prompt-embedding file")
         if metadata.get("format") != "vialign.prompt_embeds.v1":
             raise PipelineInputError(f"{os.fspath(path)} is not a vialign prompt-embedding file")
         if metadata.get("model_id") != self.model_id:
@@ -128,6 +123,6 @@ class PromptCache:
                 f"but this adapter is {self.model_id!r}: precompute them again for this model"
             )
         prompts = json.loads(metadata["prompts"])
-        tensors = load_file(os.fspath(path), device=str(device) if device is not None else "cpu")
+        tensors, _ = load_checked(path, "prompt-embedding file", str(device) if device is not None else "cpu")
         self.put(prompts, PromptEmbeds(tensors))
         return len(prompts)

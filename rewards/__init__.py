@@ -12,13 +12,14 @@
 
 from rewards.base import Reward, RewardInfo, RewardOutput, check_inputs
 from rewards.combine import CombinedReward, combine
-from rewards.errors import CheckpointNotFoundError, RewardInputError
+from rewards.errors import CheckpointNotFoundError, DamagedCheckpointError, RewardInputError
 from rewards.losses import LossTransform, require_differentiable
 from rewards.registry import list_rewards, load_reward, register
 from rewards.video import FrameSampledReward
 
 __all__ = [
     "CheckpointNotFoundError",
+    "DamagedCheckpointError",
     "CombinedReward",
     "FrameSampledReward",
     "LossTransform",

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from rewards.errors import CheckpointNotFoundError
+from rewards.errors import CheckpointNotFoundError, DamagedCheckpointError
 
 T = TypeVar("T")
 
@@ -67,8 +67,15 @@ def load_pretrained(loader: Callable[[str], T], pretrained: str | None, *, defau
     source = os.path.expanduser(pretrained) if pretrained is not None else default_id
     if looks_local(source) and not os.path.exists(source):
         raise CheckpointNotFoundError(f"{what}: no such folder: {source}")
+    from safetensors import SafetensorError
+
     try:
         return loader(source)
+    except SafetensorError as error:
+        raise DamagedCheckpointError(
+            f"{what}: a weights file of {source!r} is damaged ({error}); it was cut short or corrupted on "
+            "disk: download it again"
+        ) from None
     except OSError as error:
         raise CheckpointNotFoundError(
             f"{what}: could not load {source!r}: {_offline_hint()} (or the folder is incomplete). Download it "
@@ -79,13 +86,23 @@ def load_pretrained(loader: Callable[[str], T], pretrained: str | None, *, defau
 def load_state_dict(path: str, *, key: str | None = None) -> dict[str, Any]:
     """A tensors-only state dict from .safetensors or .pt/.pth (``weights_only=True``: no code runs)."""
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as error:
+            raise DamagedCheckpointError(
+                f"reward checkpoint {path} is damaged ({error}); it was cut short or corrupted on disk: "
+                "download it again"
+            ) from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001
-        raise CheckpointNotFoundError(f"{path} is not a readable tensors-only checkpoint: {error}") from error
+        raise DamagedCheckpointError(
+            f"reward checkpoint {path} is not a readable tensors-only checkpoint ({error}): it may be damaged "
+            "(download it again) or hold pickled objects, which vialign does not load"
+        ) from None
     if key is not None and isinstance(state, dict) and key in state:
         state = state[key]
     return state

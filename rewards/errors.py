@@ -7,3 +7,7 @@ class RewardInputError(ValueError):
 
 class CheckpointNotFoundError(RewardInputError, FileNotFoundError):
     """A reward checkpoint that is neither a local file/folder nor reachable on the hub."""
+
+
+class DamagedCheckpointError(RewardInputError):
+    """A reward checkpoint that exists but does not parse (cut short or corrupted on disk)."""

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from rewards.base import Reward, RewardInfo, RewardOutput
-from rewards.errors import RewardInputError
+from rewards.errors import DamagedCheckpointError, RewardInputError
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.90, 0.15, 0.15),
@@ -326,9 +326,16 @@ def load_shapeworld_clip(
         raise RewardInputError(
             f"shapeworld-clip: {pretrained} has no reward_config.json (the head's a and b)"
         )
-    with open(config_file, encoding="utf-8") as f:
-        head = json.load(f)
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            head = json.load(f)
+        a, b = float(head["a"]), float(head["b"])
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as error:
+        raise DamagedCheckpointError(
+            f"shapeworld-clip: {config_file} is damaged ({type(error).__name__}: {error}); it needs the numbers "
+            '{"a": ..., "b": ...}: restore it from a good copy'
+        ) from None
     encoder = HFCLIPEncoder.load(
         pretrained, default_id=pretrained, what="shapeworld-clip", device=device, dtype=dtype
     )
-    return ShapeWorldCLIP(encoder, head["a"], head["b"])
+    return ShapeWorldCLIP(encoder, a, b)

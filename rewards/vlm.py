@@ -33,8 +33,8 @@ from torch import nn
 
 from rewards import preprocess
 from rewards.base import Reward, RewardInfo, RewardOutput
-from rewards.checkpoints import load_pretrained
-from rewards.errors import RewardInputError
+from rewards.checkpoints import load_pretrained, load_state_dict
+from rewards.errors import DamagedCheckpointError, RewardInputError
 
 DEFAULT_QUESTION = 'Does this figure show "{prompt}"? Please answer yes or no.'
 DEFAULT_VLM = "Qwen/Qwen2-VL-2B-Instruct"
@@ -408,8 +408,6 @@ def load_multihead_vlm(*, pretrained: str, device: str = "cpu", dtype: str = "fl
     "mean": {dim: m}, "std": {dim: s}, "weights": {dim: w}}``. VideoAlign's published model is this
     layout after merging its LoRA (its ``rm_head.weight`` is the head): tokens <|VQ_reward|>,
     <|MQ_reward|>, <|TA_reward|>; means 3.6757, 1.1646, 2.8105 and stds 2.2476, 1.3811, 2.5121."""
-    from safetensors.torch import load_file
-
     if pretrained is None or not os.path.isdir(pretrained):
         raise RewardInputError(
             f"multihead-vlm needs pretrained=FOLDER in the documented layout, got {pretrained!r}"
@@ -419,15 +417,20 @@ def load_multihead_vlm(*, pretrained: str, device: str = "cpu", dtype: str = "fl
     for path in (config_path, head_path):
         if not os.path.isfile(path):
             raise RewardInputError(f"multihead-vlm folder {pretrained} has no {os.path.basename(path)}")
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DamagedCheckpointError(f"multihead-vlm: {config_path} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise RewardInputError(f"multihead-vlm: {config_path} must hold a JSON object")
     config.setdefault("question", "{prompt}")
     for key in ("mean", "std", "weights"):
         config.setdefault(key, {})
     if len(config.get("special_tokens", [])) != len(config.get("dimensions", [])):
         raise RewardInputError("reward_config.json needs as many special_tokens as dimensions")
     vlm = VisionLanguageModel.load(pretrained, what="multihead-vlm", device=device, dtype=dtype)
-    weight = load_file(head_path)["weight"]
+    weight = load_state_dict(head_path)["weight"]
     head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     head.weight.data.copy_(weight)
     return MultiHeadVLMReward(vlm, head.to(device).eval().requires_grad_(False), config)

@@ -196,3 +196,45 @@ def test_python_dash_m_vialign_is_the_command():
         [sys.executable, "-m", "vialign", "--version"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and result.stdout.startswith("vialign ")
+
+
+# Runs the real command against an unreachable hub. Only the hub's back-off sleeps (1+2+4+8+8 s per
+# file) are skipped: the requests, retries, their log lines and vialign's error are all real.
+_CLI_WITHOUT_BACKOFF_SLEEP = """
+import sys, time, types
+import huggingface_hub.utils._http as http
+http.time = types.SimpleNamespace(**{**vars(time), "sleep": lambda seconds: None})
+from vialign.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_unreachable_hub_prints_each_message_once_and_the_error_last(tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port that was just free: connecting to it is refused at once
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE")
+    }
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"))
+    argv = ["sample", "--model", "no-such-org/no-such-model", "--prompt", "x", "--out", str(tmp_path / "out")]
+    result = subprocess.run(
+        [sys.executable, "-c", _CLI_WITHOUT_BACKOFF_SLEEP, *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    retries = [line for line in lines if "[Retry " in line]
+    assert retries and len(retries) == len(set(retries)), result.stderr  # the hub did retry, each shown once
+    # the library's retry lines repeat per attempt, but never back to back and never echoed by vialign
+    assert all(a != b for a, b in zip(lines, lines[1:])), result.stderr
+    assert not {f"vialign: {line}" for line in lines} & set(lines), result.stderr
+    assert lines[-1].startswith("vialign: error: model 'no-such-org/no-such-model' not found"), result.stderr

@@ -45,6 +45,7 @@ SAMPLE_FLAGS = {
     "device": ("model.device", "--device"),
     "lora": ("model.lora", "--lora"),
     "overwrite": ("overwrite", "--overwrite"),
+    "resume": ("resume", "--resume"),
     "steer": ("steer.method", "--steer"),
     "particles": ("steer.particles", "--particles"),
 }
@@ -91,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--lora", help="folder with diffusers-format LoRA weights")
     sample.add_argument(
         "--overwrite", action="store_const", const=True, help="replace an existing samples.jsonl in DIR"
+    )
+    sample.add_argument(
+        "--resume",
+        action="store_const",
+        const=True,
+        help="continue an interrupted run in DIR: keep its complete images, make the missing ones",
     )
     sample.add_argument(
         "--steer",
@@ -143,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--device", help="device of the reward models (default cpu)")
     score.add_argument(
         "--overwrite", action="store_const", const=True, help="replace an existing output file"
+    )
+    score.add_argument(
+        "--resume",
+        action="store_const",
+        const=True,
+        help="continue an interrupted run: keep the rows already written, score the remaining files",
     )
     score.add_argument(
         "--list-rewards", action="store_true", help="list reward names with their metadata and exit"
@@ -324,6 +337,7 @@ SCORE_FLAGS = {
     "num_frames": ("num_frames", "--num-frames"),
     "device": ("device", "--device"),
     "overwrite": ("overwrite", "--overwrite"),
+    "resume": ("resume", "--resume"),
 }
 
 
@@ -341,7 +355,7 @@ def _reward_flags(args: argparse.Namespace) -> dict[str, dict]:
     for text in args.reward_option or []:
         target, _, _ = text.partition("=")
         name, dot, key = target.rpartition(".")
-        if not dot or not name or name not in specs:
+        if not dot or not name or not key.strip() or name not in specs:
             raise VialignInputError(
                 f"--reward-option {text}: write NAME.KEY=VALUE for a reward given with --reward ({', '.join(specs) or 'none'})"
             )
@@ -383,6 +397,47 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+_OWN_LOGGERS = ("vialign", "pipelines", "rewards")
+
+
+class _StderrOnce(logging.StreamHandler):
+    """The root's handler: vialign's records as ``vialign: MESSAGE``, other libraries' as they are.
+
+    huggingface_hub prints through a handler of its own *and* propagates to the root, so a plain root
+    handler showed each of its lines twice (an unreachable hub printed every retry twice). Records that
+    a handler below the root already printed are skipped here; libraries that only attach a
+    ``NullHandler`` (urllib3) still get their warnings shown, once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None and logger is not logging.root:
+            if any(not isinstance(h, logging.NullHandler) for h in logger.handlers):
+                return False
+            logger = logger.parent  # type: ignore[assignment]
+        return super().filter(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"vialign: {text}" if record.name.split(".")[0] in _OWN_LOGGERS else text
+
+
+def _setup_logging() -> None:
+    """vialign's INFO lines and every library's warnings on stderr, each once.
+
+    Like ``logging.basicConfig``, this leaves a program that configured logging itself (the root
+    already has handlers, as under pytest) alone.
+    """
+    for name in _OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(_StderrOnce())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -391,9 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (config overrides are written key=value)")
     args.overrides = rest
-    logging.basicConfig(level=logging.WARNING, format="vialign: %(message)s", stream=sys.stderr)
-    for name in ("vialign", "pipelines", "rewards"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    _setup_logging()
     try:
         commands = {
             "sample": cmd_sample,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -218,6 +218,9 @@ class SampleConfig(StrictModel):
     batch_size: int = Field(4, ge=1, le=4096, description="images per denoiser batch")
     out: str = Field("samples", description="output folder")
     overwrite: bool = Field(False, description="replace an earlier run's samples.jsonl in the output folder")
+    resume: bool = Field(
+        False, description="continue an interrupted run in the output folder: make only the images it lacks"
+    )
     steer: SteerConfig = Field(default_factory=SteerConfig)
 
     @model_validator(mode="after")
@@ -254,6 +257,9 @@ class ScoreConfig(StrictModel):
     max_frames: int = Field(64, ge=1, le=4096, description="frames decoded per video at most (evenly spaced)")
     device: str = Field("cpu", description="device of the reward models (cpu, cuda, cuda:N)")
     overwrite: bool = Field(False, description="replace an existing output file")
+    resume: bool = Field(
+        False, description="continue an interrupted run: score only the files it has not scored"
+    )
 
     @field_validator("out")
     @classmethod
@@ -347,7 +353,9 @@ class OptimConfig(StrictModel):
     )
     lr: float = Field(3e-4, gt=0, le=1, description="peak learning rate")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="AdamW betas, each in [0, 1)"
+    )
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm (null: off)")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
@@ -459,7 +467,9 @@ class TrainConfig(StrictModel):
                 f"{others[0]}: settings of the {others[0]} algorithm, but algorithm is {self.algorithm!r}; "
                 f"set algorithm={others[0]} or remove the section"
             )
-        raw = sections.get(self.algorithm) or {}
+        raw = sections.get(self.algorithm)
+        if raw is None:  # absent, or `grpo:` with nothing under it; [], "" or false are refused below
+            raw = {}
         if isinstance(raw, BaseModel):
             raw = raw.model_dump()
         try:
@@ -534,6 +544,9 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 def _allowed_keys(schema: type[BaseModel], loc: Sequence[Any]) -> list[str]:
     model: Any = schema
     for part in loc[:-1]:
+        if get_origin(model) in (dict, list, tuple):  # a key of a mapping (rewards) or a list index
+            model = get_args(model)[-1]
+            continue
         field = (
             model.model_fields.get(str(part))
             if isinstance(model, type) and issubclass(model, BaseModel)
@@ -551,12 +564,11 @@ def problem_lines(
     """One line per problem: ``key (--flag): what is wrong (got value)``; ``prefix`` names the section."""
     lines = []
     for problem in error.errors():
-        loc = [p for p in problem["loc"] if not isinstance(p, int) or problem["type"] != "extra_forbidden"]
         key = ".".join(str(p) for p in (prefix, *problem["loc"]) if p != "")
         flag = (flags or {}).get(key)
         name = f"{key} ({flag})" if flag else key
         if problem["type"] == "extra_forbidden":
-            allowed = _allowed_keys(schema, loc)
+            allowed = _allowed_keys(schema, problem["loc"])
             lines.append(f"{name}: unknown key; allowed keys here: {', '.join(allowed)}")
             continue
         message = problem["msg"].removeprefix("Value error, ")

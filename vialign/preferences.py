@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipelines.safetensors_io import DamagedFileError, load_checked, read_header, save_checked
 from vialign.errors import VialignInputError
 
 logger = logging.getLogger(__name__)
@@ -188,40 +189,53 @@ def _decode(source: Path | bytes, size: tuple[int, int]) -> torch.Tensor:
 class LatentCache:
     """VAE latents keyed by image content, under ``folder/<model key>/`` (the key hashes the model id, the
     VAE config and the image size): one safetensors shard per encoded batch, written to a temporary name
-    and renamed, so an interrupted encoding keeps every finished shard and a restart encodes only the rest."""
+    and renamed, so an interrupted encoding keeps every finished shard and a restart encodes only the rest.
+
+    Each shard carries a checksum of its latents (``pipelines.safetensors_io``). A shard that fails it, or
+    whose header does not parse, is renamed ``*.damaged`` with a warning naming it, and its images are
+    encoded again: a damaged cache costs time, never wrong latents."""
 
     def __init__(self, folder: str | os.PathLike, model_key: str):
-        from safetensors import safe_open
-
         self.folder = Path(folder) / model_key
         self.folder.mkdir(parents=True, exist_ok=True)
         self.index: dict[str, Path] = {}
         for shard in sorted(self.folder.glob("shard-*.safetensors")):
-            with safe_open(shard, "pt") as handle:
-                self.index.update({key: shard for key in handle.keys()})
+            try:
+                keys, _ = read_header(shard, "latent cache shard")
+            except DamagedFileError as error:
+                self._set_aside(shard, error)
+                continue
+            self.index.update({key: shard for key in keys})
 
     def __contains__(self, key: str) -> bool:
         return key in self.index
 
-    def get(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
+    def _set_aside(self, shard: Path, error: Exception) -> None:
+        logger.warning(
+            "latent cache: %s; set aside as %s.damaged, its images are encoded again", error, shard.name
+        )
+        shard.replace(shard.with_name(shard.name + ".damaged"))
+        self.index = {key: path for key, path in self.index.items() if path != shard}
 
+    def get(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The cached latents of ``keys`` whose shards verify (the caller encodes the rest)."""
         found: dict[str, torch.Tensor] = {}
         by_shard: dict[Path, list[str]] = {}
         for key in keys:
             by_shard.setdefault(self.index[key], []).append(key)
         for shard, shard_keys in by_shard.items():
-            with safe_open(shard, "pt") as handle:
-                found.update({key: handle.get_tensor(key) for key in shard_keys})
+            try:
+                tensors, _ = load_checked(shard, "latent cache shard")
+            except DamagedFileError as error:
+                self._set_aside(shard, error)
+                continue
+            found.update({key: tensors[key] for key in shard_keys})
         return found
 
     def put(self, latents: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        shard = self.folder / f"shard-{len(list(self.folder.glob('shard-*.safetensors'))):06d}.safetensors"
-        temporary = shard.with_suffix(".tmp")
-        save_file({key: value.contiguous() for key, value in latents.items()}, temporary)
-        temporary.replace(shard)
+        numbers = [int(p.name.split("-")[1].split(".")[0]) for p in self.folder.glob("shard-*.safetensors*")]
+        shard = self.folder / f"shard-{max(numbers, default=-1) + 1:06d}.safetensors"
+        save_checked(latents, shard)
         self.index.update({key: shard for key in latents})
 
 

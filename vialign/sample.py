@@ -7,6 +7,7 @@ image the stock diffusers pipeline gives for the same prompt, steps, guidance, s
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from pipelines.adapter import GeneratorAdapter, Guidance
 from vialign.config import ModelConfig, SampleConfig
 from vialign.data import read_prompt_file
 from vialign.errors import ConfigError, VialignInputError
+from vialign.files import JsonlAppender, read_jsonl_rows, write_atomically
 from vialign.sampling import Sampler, rollout_prompts, sde_sampler
 
 INDEX_FILE = "samples.jsonl"
@@ -68,11 +70,52 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return (pixels.detach().permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def save_png(image: np.ndarray, path: Path) -> None:
+def save_png(image: np.ndarray, path: Path, *, kept: str = "nothing was changed") -> None:
     """Write a PNG atomically (temporary name, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    write_atomically(path, buffer.getvalue(), kept=kept)
+
+
+def png_problem(path: Path) -> str | None:
+    """Why the PNG at ``path`` cannot be used (missing, truncated, failing its CRCs), or None."""
+    if not path.is_file():
+        return "missing"
+    try:
+        with Image.open(path) as image:
+            image.load()  # decompresses every row: a cut-short or corrupted file fails here
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"damaged ({error})"
+    return None
+
+
+def resumable_rows(
+    index_path: Path, prompts: Sequence[str], seeds: Sequence[int], settings: dict
+) -> dict[int, dict]:
+    """The rows of an interrupted run's index that this call would make again identically, by image
+    index. A row whose PNG is missing or damaged is dropped (made again, with a warning); a row made
+    with other settings, another prompt or seed is an error: resuming would mix two runs."""
+    done: dict[int, dict] = {}
+    for row in read_jsonl_rows(index_path):
+        i = row.get("index")
+        if not isinstance(i, int) or not 0 <= i < len(prompts):
+            raise VialignInputError(
+                f"--resume: {index_path} names image index {i!r}, but this call makes {len(prompts)} images; "
+                "resume with the same prompts, or pass --overwrite"
+            )
+        expected = {"prompt": prompts[i], "seed": seeds[i], **settings}
+        for key, value in expected.items():
+            if row.get(key) != value:
+                raise VialignInputError(
+                    f"--resume: {index_path} row {i} was made with {key}={row.get(key)!r}, this call has "
+                    f"{key}={value!r}; resume with the settings of the interrupted run, or pass --overwrite"
+                )
+        problem = png_problem(index_path.parent / row.get("file", ""))
+        if problem is not None:
+            logger.warning("--resume: %s is %s; it is made again", row.get("file"), problem)
+            continue
+        done[i] = row
+    return done
 
 
 def generate_images(
@@ -252,9 +295,14 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
     index_path = out / INDEX_FILE
     if out.exists() and not out.is_dir():
         raise VialignInputError(f"--out {out} exists and is not a folder")
-    if index_path.exists() and not config.overwrite:
+    if config.resume and config.overwrite:
         raise VialignInputError(
-            f"{index_path} already exists (an earlier run); choose another --out or pass --overwrite to replace it"
+            "pass --resume (finish the run in --out) or --overwrite (replace it), not both"
+        )
+    if index_path.exists() and not (config.overwrite or config.resume):
+        raise VialignInputError(
+            f"{index_path} already exists (an earlier run); pass --resume to finish it, --overwrite to "
+            "replace it, or choose another --out"
         )
     sampler_config = config.sampler
     model = config.model
@@ -290,6 +338,15 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
         "dtype": model.dtype,
     }
     if config.steer.method is not None:
+        settings.update(steer_settings(config))
+    done: dict[int, dict] = {}
+    if config.resume and index_path.exists():
+        done = resumable_rows(index_path, prompts, seeds, settings)
+        logger.info("--resume: %d of %d images are complete in %s", len(done), len(prompts), out)
+    elif config.resume:
+        logger.info("--resume: %s has no %s yet; making all %d images", out, INDEX_FILE, len(prompts))
+    todo = [i for i in range(len(prompts)) if i not in done]
+    if config.steer.method is not None:
         from vialign.steering import SamplingSetup
 
         setup = SamplingSetup(
@@ -300,19 +357,20 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
             sampler,
             sampler_config.negative_prompt,
         )
-        settings.update(steer_settings(config))
         reward = load_steering_reward(config, adapter.device)  # before any file is opened
         batches = (
             (indices, result.pixels, result, seconds)
-            for indices, result, seconds in steer_batches(adapter, reward, config, prompts, seeds, setup)
+            for indices, result, seconds in steer_batches(
+                adapter, reward, config, [prompts[i] for i in todo], [seeds[i] for i in todo], setup
+            )
         )
     else:
         batches = (
             (indices, pixels, None, None)
             for indices, pixels in generate_images(
                 adapter,
-                prompts,
-                seeds,
+                [prompts[i] for i in todo],
+                [seeds[i] for i in todo],
                 num_steps=num_steps,
                 height=height,
                 width=width,
@@ -323,15 +381,29 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
             )
         )
     out.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
+    if done:  # the index again without rows whose image is made again, before anything is appended
+        rows = [done[i] for i in sorted(done)]
+        write_atomically(index_path, "".join(json.dumps(row) + "\n" for row in rows))
+    files: list[Path] = [out / done[i]["file"] for i in sorted(done)]
+
+    def kept() -> str:
+        return (
+            f"the {len(files)} images before it are in {out} and indexed in {INDEX_FILE}: free some space and "
+            "finish with --resume"
+        )
+
     with (
-        open(index_path, "w", encoding="utf-8") as index,
-        tqdm(total=len(prompts), unit="img", desc="vialign sample", disable=not progress) as bar,
+        JsonlAppender(index_path, fresh=not done, kept=kept()) as index,
+        tqdm(
+            total=len(prompts), initial=len(done), unit="img", desc="vialign sample", disable=not progress
+        ) as bar,
     ):
-        for indices, pixels, steered, seconds in batches:
+        for batch, pixels, steered, seconds in batches:
+            indices = [todo[j] for j in batch]
             for row, (i, image) in enumerate(zip(indices, to_uint8(pixels))):
                 path = out / f"{i:05d}.png"
-                save_png(image, path)  # the PNG first: the index never names a missing file
+                index.kept = kept()
+                save_png(image, path, kept=kept())  # the PNG first: the index never names a missing file
                 record = {"file": path.name, "prompt": prompts[i], "seed": seeds[i], "index": i, **settings}
                 if steered is not None:
                     record.update(
@@ -340,8 +412,11 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
                         wall_s=round(seconds / len(indices), 3),  # the chunk's time, per image
                         steer_details=steered.details[row],
                     )
-                index.write(json.dumps(record) + "\n")
+                index.write([record])
                 files.append(path)
-            index.flush()
             bar.update(len(indices))
+    if done:  # resumed: rows in image order, as one uninterrupted run writes them
+        rows = sorted(read_jsonl_rows(index_path), key=lambda row: row["index"])
+        write_atomically(index_path, "".join(json.dumps(row) + "\n" for row in rows))
+        files.sort()
     return SampleReport(out=out, files=files, height=height, width=width)

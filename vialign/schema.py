@@ -11,9 +11,9 @@ from vialign.sampling.sampler import sde_window_problem
 
 
 class StrictModel(BaseModel):
-    """Rejects unknown keys; validates on assignment too."""
+    """Rejects unknown keys and NaN/infinite numbers (no setting means them); validates on assignment too."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _sde_window(value: tuple[int, int] | None) -> tuple[int, int] | None:

@@ -10,10 +10,10 @@ every reward and dimension.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
-import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from vialign.config import ScoreConfig
 from vialign.errors import VialignInputError
+from vialign.files import JsonlAppender, read_jsonl_rows, write_atomically
 from vialign.media import MediaError, find_media, is_video, read_media
 from vialign.sample import INDEX_FILE
 
@@ -41,12 +42,7 @@ def read_prompt_table(path: Path) -> dict[Path, str]:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     else:
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise VialignInputError(f"{path}:{number} is not valid JSON: {error.msg}") from None
+        rows = read_jsonl_rows(path)  # an interrupted `vialign sample` may end in a cut-short line
     table: dict[Path, str] = {}
     for number, row in enumerate(rows, start=1):
         file, prompt = row.get("file"), row.get("prompt")
@@ -146,12 +142,54 @@ class ScoreReport:
         return "\n".join(lines)
 
 
+def partial_path(out: Path) -> Path:
+    """Where rows go while a run is in progress; renamed or converted to ``out`` when it completes."""
+    return out.with_name(f"{out.stem}.partial.jsonl")
+
+
+def resumable_rows(partial: Path, files: list[Path], prompts: list[str]) -> dict[str, dict]:
+    """Rows of an interrupted run, by file, that this call would make again: same file and prompt."""
+    wanted = {str(f): p for f, p in zip(files, prompts)}
+    done = {}
+    for row in read_jsonl_rows(partial):
+        file = row.get("file")
+        if file not in wanted:
+            raise VialignInputError(
+                f"--resume: {partial} scored {file!r}, which this call does not score; resume with the same "
+                "--images, or pass --overwrite"
+            )
+        if row.get("prompt") != wanted[file]:
+            raise VialignInputError(
+                f"--resume: {partial} scored {file} with the prompt {row.get('prompt')!r}, this call gives "
+                f"{wanted[file]!r}; resume with the same prompts, or pass --overwrite"
+            )
+        done[file] = row
+    return done
+
+
 def run_score(config: ScoreConfig, *, progress: bool = True, reward=None) -> ScoreReport:
     """The ``vialign score`` job. ``reward`` reuses an already-built reward (a ``rewards.Reward``)
-    instead of loading ``config.rewards``."""
+    instead of loading ``config.rewards``.
+
+    Rows are appended to ``<out stem>.partial.jsonl`` as batches finish and ``out`` is written from it,
+    atomically, at the end: a killed run or a full disk leaves only complete rows there (at most one
+    cut-short last line, dropped on read), and ``--resume`` scores only the files without a row."""
     out = Path(config.out)
+    partial = partial_path(out)
+    if config.resume and config.overwrite:
+        raise VialignInputError(
+            "pass --resume (finish the interrupted run) or --overwrite (start over), not both"
+        )
     if out.exists() and not config.overwrite:
-        raise VialignInputError(f"{out} already exists; choose another --out or pass --overwrite")
+        raise VialignInputError(
+            f"{out} already exists"
+            + (" (that run is complete: nothing to resume)" if config.resume else "")
+            + "; choose another --out or pass --overwrite"
+        )
+    if partial.exists() and not (config.resume or config.overwrite):
+        raise VialignInputError(
+            f"an interrupted run left {partial}; pass --resume to finish it or --overwrite to start over"
+        )
     if not config.images:
         raise VialignInputError("nothing to score: pass --images DIR|GLOB|FILES")
     files = find_media(config.images)
@@ -163,37 +201,50 @@ def run_score(config: ScoreConfig, *, progress: bool = True, reward=None) -> Sco
     else:
         needs_prompt = any(known[n].needs_prompt for n in config.rewards if n in known)
     prompts = resolve_prompts(files, config, needs_prompt)
+    done = resumable_rows(partial, files, prompts) if config.resume and partial.exists() else {}
+    if config.resume:
+        logger.info("--resume: %d of %d files were scored before", len(done), len(files))
     if reward is None:
         reward = build_reward(config, has_videos=any(is_video(f) for f in files))
     report = ScoreReport()
-    tmp = out.with_name(f".{out.name}.tmp")
+    for row in done.values():
+        if row.get("status") != "ok":
+            report.failed.append((row["file"], row.get("error") or "failed"))
+        elif not report.columns:
+            report.columns = [k for k in row if k not in ("file", "prompt", "status", "error")]
+    todo = [i for i, f in enumerate(files) if str(f) not in done]
     out.parent.mkdir(parents=True, exist_ok=True)
-    jsonl = open(tmp, "w", encoding="utf-8") if out.suffix == ".jsonl" else None  # noqa: SIM115
-    try:
-        with tqdm(total=len(files), unit="file", desc="vialign score", disable=not progress) as bar:
-            for start in range(0, len(files), config.batch_size):
-                batch = list(range(start, min(start + config.batch_size, len(files))))
-                rows = score_batch(
-                    reward, [files[i] for i in batch], [prompts[i] for i in batch], config, report
+    kept = f"the rows scored so far are in {partial}: free some space and finish with --resume"
+    resumed_columns = list(report.columns)
+    with (
+        JsonlAppender(partial, fresh=not done, kept=kept) as appender,
+        tqdm(
+            total=len(files), initial=len(done), unit="file", desc="vialign score", disable=not progress
+        ) as bar,
+    ):
+        for start in range(0, len(todo), config.batch_size):
+            batch = todo[start : start + config.batch_size]
+            rows = score_batch(reward, [files[i] for i in batch], [prompts[i] for i in batch], config, report)
+            if resumed_columns and report.columns != resumed_columns:
+                raise VialignInputError(
+                    f"--resume: {partial} has the columns {resumed_columns}, these rewards give "
+                    f"{report.columns}; resume with the same rewards, or pass --overwrite"
                 )
-                for row in rows:
-                    report.rows.append(row)
-                    if jsonl is not None:
-                        jsonl.write(json.dumps(row) + "\n")
-                if jsonl is not None:
-                    jsonl.flush()
-                bar.update(len(batch))
-    finally:
-        if jsonl is not None:
-            jsonl.close()
+            appender.write(rows)
+            done.update({row["file"]: row for row in rows})
+            bar.update(len(batch))
+    report.rows = [done[str(f)] for f in files]  # the order of the files, however the run was split
     if out.suffix == ".csv":
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(
-                f, fieldnames=["file", "prompt", "status", "error", "total", *report.columns[1:]]
-            )
-            writer.writeheader()
-            writer.writerows(report.rows)
-    os.replace(tmp, out)
+        text = io.StringIO()
+        writer = csv.DictWriter(
+            text, fieldnames=["file", "prompt", "status", "error", "total", *report.columns[1:]]
+        )
+        writer.writeheader()
+        writer.writerows(report.rows)
+        write_atomically(out, text.getvalue(), kept=kept)
+    else:
+        write_atomically(out, "".join(json.dumps(row) + "\n" for row in report.rows), kept=kept)
+    partial.unlink()
     return report
 
 

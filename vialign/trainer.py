@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from vialign.algorithms import TrainingContext, get_algorithm
 from vialign.checkpoint import (
+    latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     optimizer_from_flat,
@@ -46,6 +47,7 @@ from vialign.config import TrainConfig
 from vialign.data import load_prompts, split_prompts
 from vialign.distributed import Processes
 from vialign.errors import VialignInputError
+from vialign.files import JsonlAppender, disk_error, read_jsonl_rows, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +84,13 @@ class MetricsLogger:
         self.path = output_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # rows written after the checkpoint are re-made (identically) by the resumed run
-            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [line for line in rows if json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [row for row in read_jsonl_rows(self.path) if row.get("step", 0) <= resume_step]
+            write_atomically(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+        self.rows = JsonlAppender(
+            self.path,
+            fresh=resume_step is None,
+            kept="the checkpoints written so far are intact: free some disk space and continue with --resume",
+        )
         self.writer = None
         if tensorboard:
             try:
@@ -98,8 +104,7 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **{k: (float(v) if v is not None else None) for k, v in metrics.items()}}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        self.rows.write([row])
         if self.writer is not None:
             for name, value in metrics.items():
                 if value is not None and math.isfinite(float(value)):
@@ -107,6 +112,7 @@ class MetricsLogger:
             self.writer.flush()
 
     def close(self) -> None:
+        self.rows.close()
         if self.writer is not None:
             self.writer.close()
 
@@ -190,9 +196,15 @@ class Trainer:
     def _check_output_dir(self, resume: bool) -> None:
         earlier = (self.output_dir / "metrics.jsonl").exists() or list_checkpoints(self.checkpoint_dir)
         if resume:
-            if not list_checkpoints(self.checkpoint_dir):
+            self.resume_from, skipped = latest_checkpoint(self.checkpoint_dir)
+            for path, problem in skipped:
+                if self.is_main:
+                    logger.warning("--resume: skipped %s: %s (left on disk)", path, problem)
+            if self.resume_from is None:
                 raise VialignInputError(
-                    f"--resume: no complete checkpoint in {self.checkpoint_dir}; start without --resume"
+                    f"--resume: no complete checkpoint in {self.checkpoint_dir}"
+                    + (f" ({len(skipped)} damaged, named above)" if skipped else "")
+                    + "; start without --resume"
                 )
             return
         if earlier and not self.config.overwrite:
@@ -262,6 +274,10 @@ class Trainer:
 
         model = self.config.model
         device = self.accelerator.device if model.device == "auto" else model.device
+        if torch.device(device).type == "cpu":
+            # accelerate names the CPU of a multi-process run "cpu:0"; some CPU kernels take another path for
+            # an indexed device, in the last bits, and N processes must compute what one does
+            device = "cpu"
         return load_model(model, device=str(device), with_lora=False)
 
     def _setup_finetuning(self) -> list[torch.nn.Parameter]:
@@ -589,7 +605,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _resume(self) -> int:
-        path = list_checkpoints(self.checkpoint_dir)[-1]
+        path = self.resume_from
         tensors, state = load_checkpoint(path)
         names = self._trainable_names()
         missing = [n for n in names if f"weights.{n}" not in tensors]
@@ -628,12 +644,20 @@ class Trainer:
         diffusers pipeline folder; the EMA weights when EMA is on."""
         final = self.output_dir / "final"
         if self.is_main:
-            with self.ema_weights():
-                if self.config.finetune.method == "lora":
-                    self.adapter.save_lora(final)
-                else:
-                    shutil.rmtree(final, ignore_errors=True)
-                    self.adapter.save_pipeline(final)
+            try:
+                with self.ema_weights():
+                    if self.config.finetune.method == "lora":
+                        self.adapter.save_lora(final)
+                    else:
+                        shutil.rmtree(final, ignore_errors=True)
+                        self.adapter.save_pipeline(final)
+            except OSError as error:
+                raise disk_error(
+                    final,
+                    error,
+                    "the checkpoints are intact: free some disk space and run again with --resume, which "
+                    "exports from the last checkpoint",
+                ) from error
         self.accelerator.wait_for_everyone()
         return final
 

@@ -214,7 +214,10 @@ class AdjointMatching(Algorithm):
                 trajectory = context.rollout(prompts[start:end], step, start, self.sampler)
             terminal, score = self.terminal_adjoint(trajectory.final, prompts[start:end])
             if not torch.isfinite(score).all():
-                raise VialignInputError(f"step {step}: the reward returned NaN or infinite scores")
+                raise VialignInputError(
+                    f"step {step}: the reward returned NaN or infinite scores; adjoint matching cannot "
+                    "skip them (check the reward's inputs, or lower optim.lr)"
+                )
             uncond = adapter.uncond_embeds(end - start) if self.loss_guidance.uses_uncond else None
             with context.reference():
                 adjoints = lean_adjoint(

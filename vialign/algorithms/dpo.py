@@ -250,7 +250,7 @@ class OnlineDPO(_PreferenceStep, Algorithm):
         k = settings.samples_per_prompt
         batch, lo, hi = context.step_prompts(step, settings.pairs_per_step, repeat=k)
         if lo % k or hi % k:
-            raise ValueError(
+            raise VialignInputError(
                 f"online_dpo: each process must hold whole groups; make pairs_per_step x samples_per_prompt "
                 f"({len(batch)}) a multiple of {k} x the number of processes"
             )
@@ -274,8 +274,11 @@ class OnlineDPO(_PreferenceStep, Algorithm):
                 scores.append(context.reward(pixels, batch[start:end]).score.float().cpu())
                 latents.append(final.float().cpu())
         latents, scores = torch.cat(latents), torch.cat(scores)
-        if not torch.isfinite(scores).all():
-            raise ValueError("online_dpo: the reward returned NaN or infinite scores")
+        if not torch.isfinite(scores).all():  # argmax/argmin cannot rank NaN: the pairs would be arbitrary
+            raise VialignInputError(
+                f"step {step}: the reward returned NaN or infinite scores; online_dpo cannot pick a best and "
+                "worst sample from them (check the reward's inputs, or lower optim.lr)"
+            )
         grouped = scores.view(-1, k)
         best, worst = grouped.argmax(1), grouped.argmin(1)
         rows = torch.arange(len(grouped)) * k

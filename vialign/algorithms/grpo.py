@@ -292,7 +292,10 @@ class GRPO(Algorithm):
         }
         if kept == 0:
             self.counters["skipped_updates"] += 1
-            logger.warning("step %d: no group has a reward spread; update skipped", step)
+            if advantages.nonfinite_groups == advantages.num_groups:  # say why, not "no spread"
+                logger.warning("step %d: every group had a NaN or infinite reward; update skipped", step)
+            else:
+                logger.warning("step %d: no group has a reward spread; update skipped", step)
         else:
             metrics.update(self.update(step, trajectory, advantages, lo, hi, len(global_prompts)))
         metrics.update({f"count/{name}": value for name, value in self.counters.items()})

@@ -56,11 +56,11 @@ class Steps:
 
 
 QUICK = Steps(
-    vae=20,
-    clip=20,
-    flow=20,
-    unet=20,
-    reward=10,
+    vae=8,
+    clip=8,
+    flow=10,
+    unet=10,
+    reward=5,
     eval_every=10,
     reward_seeds=2,
     eval_seeds=1,

@@ -214,7 +214,10 @@ class LatentCache:
         logger.warning(
             "latent cache: %s; set aside as %s.damaged, its images are encoded again", error, shard.name
         )
-        shard.replace(shard.with_name(shard.name + ".damaged"))
+        try:
+            shard.replace(shard.with_name(shard.name + ".damaged"))
+        except FileNotFoundError:
+            pass  # another process set it aside first
         self.index = {key: path for key, path in self.index.items() if path != shard}
 
     def get(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -14,6 +14,13 @@ from rewards.base import Reward, RewardInfo, RewardOutput, check_inputs
 from rewards.combine import CombinedReward, combine
 from rewards.errors import CheckpointNotFoundError, DamagedCheckpointError, RewardInputError
 from rewards.losses import LossTransform, require_differentiable
+from rewards.pairwise import (
+    PairwiseReward,
+    PointwiseAsPairwise,
+    bradley_terry,
+    require_pairwise,
+    require_pointwise,
+)
 from rewards.registry import list_rewards, load_reward, register
 from rewards.video import FrameSampledReward
 
@@ -23,14 +30,19 @@ __all__ = [
     "CombinedReward",
     "FrameSampledReward",
     "LossTransform",
+    "PairwiseReward",
+    "PointwiseAsPairwise",
     "Reward",
     "RewardInfo",
     "RewardInputError",
     "RewardOutput",
+    "bradley_terry",
     "check_inputs",
     "combine",
     "list_rewards",
     "load_reward",
     "register",
     "require_differentiable",
+    "require_pairwise",
+    "require_pointwise",
 ]

@@ -143,3 +143,89 @@ class PerPromptStatTracker:
     def load_state_dict(self, state: dict) -> None:
         self.buffer_size, self.min_count = state["buffer_size"], state["min_count"]
         self.buffers = {p: deque(b, maxlen=self.buffer_size) for p, b in state["buffers"].items()}
+
+
+def group_pairs(group_ids: torch.Tensor) -> torch.Tensor:
+    """Every unordered pair (i, j), i < j, of samples in the same group: [P, 2] indices, group by group."""
+    pairs = []
+    for g in torch.unique(group_ids):
+        members = torch.nonzero(group_ids == g).flatten()
+        pairs.append(torch.combinations(members, r=2))
+    return torch.cat(pairs) if pairs else torch.zeros(0, 2, dtype=torch.long)
+
+
+def win_rates(
+    prob_first_better: torch.Tensor, pairs: torch.Tensor, group_ids: torch.Tensor, *, hard: bool = True
+) -> torch.Tensor:
+    """Each sample's win rate against the other members of its group (Pref-GRPO, Wang et al. 2025).
+
+    ``pairs`` [P, 2] lists each unordered pair of a group once (:func:`group_pairs`), and
+    ``prob_first_better`` [P] is a pairwise judge's P(pairs[:, 0] is better). ``hard``: a pair is a win
+    for the first sample when P > 0.5, for the second when P < 0.5, and half a win each when P = 0.5
+    (Pref-GRPO's decision rule, its ties counted 0.5); otherwise the probabilities themselves are summed.
+    The win rate is the wins over the G - 1 comparisons of a group of G (a group of one: 0.5). A NaN
+    judgement makes both samples' win rates NaN, so GRPO drops the group as for a NaN reward."""
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or prob_first_better.shape != pairs.shape[:1]:
+        raise ValueError(
+            f"pairs must be [P, 2] and probabilities [P], got {tuple(pairs.shape)} and "
+            f"{tuple(prob_first_better.shape)}"
+        )
+    p = prob_first_better.double()
+    if hard:
+        p = torch.where(p > 0.5, 1.0, torch.where(p < 0.5, 0.0, torch.where(p == 0.5, 0.5, p)))
+    wins = torch.zeros(len(group_ids), dtype=torch.float64)
+    wins.index_add_(0, pairs[:, 0], p)
+    wins.index_add_(0, pairs[:, 1], 1 - p)
+    sizes = torch.bincount(torch.unique(group_ids, return_inverse=True)[1])
+    comparisons = sizes[torch.unique(group_ids, return_inverse=True)[1]] - 1
+    rates = torch.where(comparisons > 0, wins / comparisons.clamp(min=1), torch.full_like(wins, 0.5))
+    return rates.float()
+
+
+def pareto_front(scores: torch.Tensor) -> torch.Tensor:
+    """Non-dominated samples of a batch (Parrot, Lee et al. 2024, Sec. 4.2): ``scores`` [N, K], one
+    column per reward, higher is better. Sample a dominates b when a >= b on every reward and a > b on at
+    least one; samples with equal score vectors do not dominate each other, so both stay."""
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [N, K] (one column per reward), got {tuple(scores.shape)}")
+    if scores.shape[1] < 2:
+        raise ValueError("Pareto selection needs at least two rewards; with one, use the reward itself")
+    a, b = scores[:, None, :], scores[None, :, :]
+    dominates = (a >= b).all(-1) & (a > b).any(-1)  # [i, j]: i dominates j
+    return ~dominates.any(0)
+
+
+@dataclass
+class AdvantageHealth:
+    """Signals of a collapsing reward (RewardDance's within-group reward variance; Pref-GRPO's
+    "illusory advantages": normalised advantages of +-1 made from near-identical raw scores)."""
+
+    group_std_mean: float  # mean within-group reward std
+    near_constant_fraction: float  # share of groups whose spread is below ``tolerance`` x the batch scale
+    collapsed: bool  # near_constant_fraction >= 0.5
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "health/group_std_mean": self.group_std_mean,
+            "health/near_constant_fraction": self.near_constant_fraction,
+        }
+
+
+def advantage_health(
+    rewards: torch.Tensor, group_ids: torch.Tensor, *, tolerance: float = 1e-2
+) -> AdvantageHealth:
+    """Within-group spread of finite rewards, and the share of groups whose std is under ``tolerance``
+    times the batch's scale (max of |mean| and std over all finite rewards): such groups still get
+    advantages of order 1 after normalisation, from differences the reward cannot mean."""
+    finite = torch.isfinite(rewards)
+    values = rewards[finite].double()
+    scale = max(float(values.abs().mean()), float(values.std(unbiased=False))) if values.numel() else 0.0
+    stds = []
+    for g in torch.unique(group_ids[finite]):
+        members = rewards[(group_ids == g) & finite].double()
+        if members.numel() > 1:
+            stds.append(float(members.std(unbiased=False)))
+    if not stds:
+        return AdvantageHealth(0.0, 0.0, False)
+    near = sum(std <= tolerance * scale for std in stds) / len(stds)
+    return AdvantageHealth(sum(stds) / len(stds), near, near >= 0.5)

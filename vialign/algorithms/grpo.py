@@ -24,8 +24,19 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from vialign.advantages import Advantages, PerPromptStatTracker, group_advantages, per_reward_advantages
+from rewards.pairwise import bradley_terry
+from vialign.advantages import (
+    Advantages,
+    PerPromptStatTracker,
+    advantage_health,
+    group_advantages,
+    group_pairs,
+    pareto_front,
+    per_reward_advantages,
+    win_rates,
+)
 from vialign.algorithms.base import Algorithm, TrainingContext, register
+from vialign.errors import VialignInputError
 from vialign.losses import clipped_surrogate, gaussian_kl
 from vialign.sampling import Sampler, replay_step, sde_sampler
 from vialign.schema import StrictModel
@@ -50,8 +61,27 @@ class GRPOSettings(StrictModel):
     per_prompt_stats: bool = Field(False, description="DDPO: z-score against a per-prompt reward buffer")
     stats_buffer_size: int = Field(32, ge=2, description="per_prompt_stats: rewards kept per prompt")
     stats_min_count: int = Field(16, ge=1, description="per_prompt_stats: below this, use batch stats")
-    reward_mode: Literal["sum", "per_reward"] = Field(
-        "sum", description="advantages of the weighted reward sum, or per-reward advantages summed"
+    reward_mode: Literal["sum", "per_reward", "pareto"] = Field(
+        "sum",
+        description="advantages of the weighted reward sum; per-reward advantages summed; or pareto (Parrot): "
+        "the sum's advantages, trained only on the samples no other sample of the batch dominates on every reward",
+    )
+    comparison: Literal["pointwise", "pairwise-winrate"] = Field(
+        "pointwise",
+        description="pointwise: each sample's reward; pairwise-winrate (Pref-GRPO): each sample's win rate "
+        "against the rest of its group, every pair judged by the reward as a pairwise judge",
+    )
+    pairwise_temperature: float = Field(
+        1.0, gt=0, description="pairwise-winrate: P(a > b) = sigmoid((r_a - r_b) / temperature)"
+    )
+    win_rate: Literal["hard", "soft"] = Field(
+        "hard", description="pairwise-winrate: count wins (P > 0.5; ties 0.5, as Pref-GRPO) or sum P"
+    )
+    health_tolerance: float = Field(
+        1e-2,
+        ge=0,
+        description="health/near_constant_fraction counts groups whose reward std is below this x the batch "
+        "scale; a warning when half the groups are (a collapsing or saturated reward)",
     )
     clip_range: float = Field(1e-4, gt=0, le=10, description="PPO clip range c of the ratio")
     log_prob_reduction: Literal["sum", "mean"] = Field(
@@ -86,6 +116,13 @@ class GRPOSettings(StrictModel):
             raise ValueError(
                 "group_size=1 leaves every group without a reward spread: use group_size >= 2, or "
                 "per_prompt_stats=true (DDPO: advantages against each prompt's reward history)"
+            )
+        if self.comparison == "pairwise-winrate" and (
+            self.per_prompt_stats or self.reward_mode == "per_reward"
+        ):
+            raise ValueError(
+                "comparison=pairwise-winrate makes one win rate per sample from the reward sum: it does not "
+                "combine with per_prompt_stats or reward_mode=per_reward"
             )
         samples = self.group_size * self.prompts_per_step
         if samples % self.updates_per_round:
@@ -201,6 +238,11 @@ class GRPO(Algorithm):
             else None
         )
         self.counters = {"nonfinite_groups": 0, "skipped_updates": 0}
+        if settings.reward_mode == "pareto" and len(context.reward_weights) < 2:
+            raise VialignInputError(
+                f"grpo.reward_mode=pareto selects samples no other beats on every reward, which needs two or "
+                f"more rewards; got {list(context.reward_weights)}: add a reward, or use reward_mode=sum"
+            )
 
     def state_dict(self) -> dict:
         tracker = self.tracker.state_dict() if self.tracker is not None else None
@@ -235,7 +277,38 @@ class GRPO(Algorithm):
         )
         if settings.reward_mode == "per_reward":
             return per_reward_advantages(dims, self.context.reward_weights, group_ids, **options)
-        return group_advantages(scores, group_ids, **options)
+        if settings.comparison == "pairwise-winrate":
+            scores = self.win_rates(scores, group_ids)
+        advantages = group_advantages(scores, group_ids, **options)
+        if settings.reward_mode == "pareto":
+            advantages = self.pareto_selected(advantages, dims)
+        return advantages
+
+    def pareto_selected(self, advantages: Advantages, dims: dict[str, torch.Tensor]) -> Advantages:
+        """Parrot's batch-wise selection (Lee et al. 2024, Sec. 4.2): only the non-dominated samples of
+        the global batch train; a sample with a non-finite reward neither trains nor dominates."""
+        names = list(self.context.reward_weights)
+        if len(names) < 2 or any(name not in dims for name in names):
+            raise VialignInputError(
+                f"grpo.reward_mode=pareto needs two or more rewards, each scored on its own; got {names}: add "
+                "a reward, or use reward_mode=sum"
+            )
+        table = torch.stack([dims[name] for name in names], dim=1)
+        finite = torch.isfinite(table).all(1)
+        front = torch.zeros_like(finite)
+        front[finite] = pareto_front(table[finite])
+        keep = advantages.keep & front
+        values = torch.where(keep, advantages.values, torch.zeros_like(advantages.values))
+        return replace(advantages, values=values, keep=keep)
+
+    def win_rates(self, scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        """Pref-GRPO's rewards: every pair of a group judged once by the training reward read as a pairwise
+        judge (:class:`rewards.PointwiseAsPairwise`: one reward call per sample, not per pair)."""
+        pairs = group_pairs(group_ids)
+        probability = bradley_terry(
+            scores[pairs[:, 0]], scores[pairs[:, 1]], self.settings.pairwise_temperature
+        )
+        return win_rates(probability, pairs, group_ids, hard=self.settings.win_rate == "hard")
 
     def step(self, step: int) -> dict[str, float]:
         context, settings, adapter = self.context, self.settings, self.context.adapter
@@ -277,6 +350,17 @@ class GRPO(Algorithm):
                 self.counters["nonfinite_groups"],
             )
         self.last_scores, self.last_advantages = scores, advantages.values  # global; for inspection and tests
+        health = advantage_health(
+            scores, torch.arange(len(scores)) // settings.group_size, tolerance=settings.health_tolerance
+        )
+        if health.collapsed:
+            logger.warning(
+                "step %d: %.0f%% of groups have near-identical rewards (std <= %g x the batch scale): their "
+                "normalised advantages are noise; the reward may be saturated or hacked",
+                step,
+                100 * health.near_constant_fraction,
+                settings.health_tolerance,
+            )
         kept = int(advantages.keep.sum())
         finite = scores[torch.isfinite(scores)]
         metrics = {
@@ -289,6 +373,7 @@ class GRPO(Algorithm):
             "zero_std_fraction": advantages.zero_std_groups / advantages.num_groups,
             "nonfinite_groups": advantages.nonfinite_groups,
             "time/rollout_s": rollout_seconds,
+            **health.metrics(),
         }
         if kept == 0:
             self.counters["skipped_updates"] += 1

@@ -14,6 +14,10 @@ training seconds and at the end, by the trainer's own evaluation: the rule-based
 seeds; the oracle on the 108 pretraining prompts x 2 seeds (a regression check); the learned reward on
 the eval split; pixel diversity. Every method starts from the same model, LoRA initialisation and seeds.
 
+The multi-reward study (``grpo_sum_distractor``, ``grpo_pareto_distractor``) breaks the one-reward rule
+on purpose: GRPO trains on ``shapeworld-clip`` plus ``brightness`` x 50, summed or Pareto-selected
+(Parrot), and its own table adds the distractor's mean on the eval split.
+
 Each method runs in its own process (so ``ru_maxrss`` is its peak memory); the parent writes
 ``OUT/alignment.json`` (every curve), ``OUT/alignment.md`` (the table) and ``OUT/alignment.png``
 (eval-split and pretraining-prompt accuracy against training wall-clock, one line per method; needs
@@ -36,15 +40,45 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 
-# method -> (testbed preset, label); the presets hold each method's hyper-parameters
+# method -> (testbed preset, label, overrides); the presets hold each method's hyper-parameters
 METHODS = {
-    "refl": ("configs/quickstart.yaml", "ReFL"),
-    "grpo": ("configs/quickstart_grpo.yaml", "GRPO"),
-    "draft": ("configs/quickstart_draft.yaml", "DRaFT-K"),
-    "adjoint_matching": ("configs/quickstart_adjoint.yaml", "Adjoint Matching"),
-    "dpo": ("configs/quickstart_dpo.yaml", "DPO (offline pairs)"),
-    "online_dpo": ("configs/quickstart_online_dpo.yaml", "online DPO"),
+    "refl": ("configs/quickstart.yaml", "ReFL", []),
+    "grpo": ("configs/quickstart_grpo.yaml", "GRPO", []),
+    "grpo_winrate": (
+        "configs/quickstart_grpo.yaml",
+        "GRPO, pairwise win rates (Pref-GRPO)",
+        ["grpo.comparison=pairwise-winrate"],
+    ),
+    "draft": ("configs/quickstart_draft.yaml", "DRaFT-K", []),
+    "adjoint_matching": ("configs/quickstart_adjoint.yaml", "Adjoint Matching", []),
+    "dpo": ("configs/quickstart_dpo.yaml", "DPO (offline pairs)", []),
+    "online_dpo": ("configs/quickstart_online_dpo.yaml", "online DPO", []),
+    "raft": ("configs/quickstart_raft.yaml", "RAFT, reference samples", []),
+    "raft_online": (
+        "configs/quickstart_raft.yaml",
+        "RAFT, policy samples",
+        ["raft.rollout_model=policy", "optim.lr=2e-5"],
+    ),
+    "rwr": ("configs/quickstart_rwr.yaml", "RWR, reference samples", []),
+    "rwr_online": (
+        "configs/quickstart_rwr.yaml",
+        "RWR, policy samples",
+        ["rwr.rollout_model=policy", "optim.lr=2e-5"],
+    ),
+    # the multi-reward study: the learned reward plus a distractor (brightness x 50: its spread inside a
+    # group is ~2.5x the learned reward's), summed or Pareto-selected (Parrot); the oracle still judges
+    "grpo_sum_distractor": (
+        "configs/quickstart_grpo.yaml",
+        "GRPO, shapeworld-clip + 50 x brightness (sum)",
+        ["rewards={shapeworld-clip: {weight: 1.0}, brightness: {weight: 50.0}}"],
+    ),
+    "grpo_pareto_distractor": (
+        "configs/quickstart_grpo.yaml",
+        "GRPO, shapeworld-clip and brightness (Parrot's Pareto selection)",
+        ["rewards={shapeworld-clip: {weight: 1.0}, brightness: {weight: 50.0}}", "grpo.reward_mode=pareto"],
+    ),
 }
+DISTRACTOR_STUDY = {"grpo_sum_distractor", "grpo_pareto_distractor"}  # may train on brightness too
 FIXED_DATA = {"dpo"}  # methods that stop at their preset's max_steps (epochs over a fixed dataset)
 # the protocol, the same for every method whatever its preset says
 PROTOCOL = [
@@ -69,18 +103,23 @@ KEPT = {  # what the curve keeps of each evaluation: metric -> short name
     "eval/shapeworld-clip": "reward",
     "eval/shapeworld-clip_se": "reward_se",
     "eval/pixel_diversity": "diversity",
+    "eval/brightness": "brightness",
     "eval/oracle/shape": "shape",
     "eval/oracle/colour": "colour",
 }
 
 
-def run_method(method: str, config_path: str, budget: float, eval_every: float, overrides: list[str]) -> dict:
+def run_method(method: str, budget: float, eval_every: float, overrides: list[str]) -> dict:
     """Train one method for ``budget`` seconds of training steps, evaluating along the way."""
     from vialign.cli import _quiet_libraries
     from vialign.config import TrainConfig, load_config
     from vialign.trainer import Trainer
 
     _quiet_libraries()
+    config_path, _, own = METHODS[method]
+    overrides = [*own, *overrides]
+    if method in DISTRACTOR_STUDY:
+        overrides.append("eval.rewards=[shapeworld-oracle, shapeworld-clip, brightness]")
     output_dir = tempfile.mkdtemp(prefix=f"alignment-{method}-")
     preset = load_config(TrainConfig, ROOT / config_path, overrides)
     config = load_config(TrainConfig, ROOT / config_path, [*PROTOCOL, f"output_dir={output_dir}", *overrides])
@@ -92,7 +131,7 @@ def run_method(method: str, config_path: str, budget: float, eval_every: float, 
     # prompt algorithms train on shapeworld:align; preference algorithms on the shipped pairs, from which
     # the shapeworld:eval prompts are removed (vialign.preferences)
     config.data.train = "shapeworld:preferences" if method == "dpo" else "shapeworld:align"
-    if not set(config.rewards) <= {"shapeworld-clip"}:
+    if not set(config.rewards) <= {"shapeworld-clip"} and method not in DISTRACTOR_STUDY:
         raise SystemExit(
             f"{config_path}: the protocol trains on shapeworld-clip only, not {list(config.rewards)}"
         )
@@ -143,6 +182,8 @@ def table(results: list[dict]) -> str:
     )
     rows = []
     for result in results:
+        if result["method"] in DISTRACTOR_STUDY:
+            continue
         first, last = result["curve"][0], result["curve"][-1]
         best = max(result["curve"], key=lambda p: p["accuracy"])
         label = METHODS.get(result["method"], (None, result["method"]))[1]
@@ -156,7 +197,28 @@ def table(results: list[dict]) -> str:
             f"| {first['reward']:+.2f} -> {last['reward']:+.2f} "
             f"| {first['diversity']:.3f} -> {last['diversity']:.3f} | {result['peak_rss_mb']} MB |"
         )
-    return head + "\n".join(rows) + "\n"
+    study = [r for r in results if r["method"] in DISTRACTOR_STUDY]
+    if not study:
+        return head + "\n".join(rows) + "\n"
+    extra = [
+        "",
+        "Multi-reward study (trains on `shapeworld-clip` and the distractor `brightness`, weight 50):",
+        "",
+        "| method | steps in budget (s/step) | eval-split accuracy, start -> end (± SE) | `shapeworld-clip` "
+        "(eval split) | `brightness` (eval split) | pixel diversity |",
+        "|---|---|---|---|---|---|",
+    ]
+    for result in study:
+        first, last = result["curve"][0], result["curve"][-1]
+        gain = 100 * (last["accuracy"] - first["accuracy"])
+        extra.append(
+            f"| {METHODS[result['method']][1]} | {result['steps']} ({result['seconds_per_step']} s) "
+            f"| {pct(first['accuracy'])} ± {pct(first['accuracy_se'])} -> **{pct(last['accuracy'])} ± "
+            f"{pct(last['accuracy_se'])}** ({gain:+.1f}) | {first['reward']:+.2f} -> {last['reward']:+.2f} "
+            f"| {first.get('brightness', float('nan')):.3f} -> {last.get('brightness', float('nan')):.3f} "
+            f"| {first['diversity']:.3f} -> {last['diversity']:.3f} |"
+        )
+    return head + "\n".join(rows) + "\n" + "\n".join(extra) + "\n"
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -221,7 +283,7 @@ def main() -> None:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = run_method(args.worker, METHODS[args.worker][0], args.budget, args.eval_every, args.set)
+        result = run_method(args.worker, args.budget, args.eval_every, args.set)
         Path(args.result).write_text(json.dumps(result, indent=1))
         return
 

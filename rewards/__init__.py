@@ -6,6 +6,8 @@
     >>> out.score, out.dims                                     # Tensor[B], {name: Tensor[B]}
     >>> rewards.list_rewards()                                  # names and metadata
     >>> rewards.combine({"pickscore": 1.0, "aesthetic": 0.1})   # weighted sum, components in .dims
+    >>> judge = rewards.load_pairwise("vlm-pairwise")           # pairwise: judge(pixels_a, pixels_b, prompts)
+    >>> judge(pixels, references, prompts)                      # Tensor[B], P(a is better than b)
 
 ``rewards`` never imports ``vialign``.
 """
@@ -21,7 +23,14 @@ from rewards.pairwise import (
     require_pairwise,
     require_pointwise,
 )
-from rewards.registry import list_rewards, load_reward, register
+from rewards.registry import (
+    list_rewards,
+    load_pairwise,
+    load_reward,
+    pairwise_names,
+    register,
+    register_pairwise,
+)
 from rewards.video import FrameSampledReward
 
 __all__ = [
@@ -40,8 +49,11 @@ __all__ = [
     "check_inputs",
     "combine",
     "list_rewards",
+    "load_pairwise",
     "load_reward",
+    "pairwise_names",
     "register",
+    "register_pairwise",
     "require_differentiable",
     "require_pairwise",
     "require_pointwise",

@@ -9,13 +9,19 @@
 * ``multihead-vlm`` — VideoAlign-style (Liu et al., arXiv:2501.13918): a linear head on the VLM's
   last hidden states at special reward tokens (e.g. visual quality / motion quality / text
   alignment), loaded from a folder in the layout documented in :func:`load_multihead_vlm`.
+* ``vlm-pairwise`` (a *pairwise* judge, ``rewards.load_pairwise``) — RewardDance-style (Wu et al.,
+  arXiv:2509.08826): one chat turn holds image A then image B and asks whether image 1 is better than
+  image 2 for the prompt under a stated criterion (with an optional task instruction in context); the
+  judgement is ``P("Yes")`` of the first answer token under the same full-vocabulary softmax
+  (:class:`PairwiseYesTokenJudge`; ``symmetric=True`` averages both orders to cancel position bias).
 
 Gradients reach the pixels for the families whose image preprocessing is re-done in torch here:
 Qwen2-VL and Qwen2.5-VL (images and videos), LLaVA and PaliGemma. Other families (Idefics3, SmolVLM,
 ...) are scored through their HF processor on uint8 images and are flagged not differentiable. The
 text side always comes from the processor: it is called on blank images of the same size, which
 gives exactly the image-token layout of the real image, and its pixel tensors are then replaced by
-the differentiable ones.
+the differentiable ones. Several images per conversation (the pairwise judge's two) go the same way:
+``VisionLanguageModel.inputs`` takes a sequence of equally shaped batches, one per image slot.
 """
 
 from __future__ import annotations
@@ -35,8 +41,14 @@ from rewards import preprocess
 from rewards.base import Reward, RewardInfo, RewardOutput
 from rewards.checkpoints import load_pretrained, load_state_dict
 from rewards.errors import DamagedCheckpointError, RewardInputError
+from rewards.pairwise import PairwiseReward
 
 DEFAULT_QUESTION = 'Does this figure show "{prompt}"? Please answer yes or no.'
+DEFAULT_PAIRWISE_QUESTION = (
+    'Image 1 and image 2 were generated for the prompt "{prompt}". '
+    "Is image 1 better than image 2{criterion}? Please answer yes or no."
+)
+DEFAULT_CRITERION = " in how well it matches the prompt and in visual quality"
 DEFAULT_VLM = "Qwen/Qwen2-VL-2B-Instruct"
 DIFFERENTIABLE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "paligemma")
 VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
@@ -81,19 +93,56 @@ class VisionLanguageModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def render(self, text: str, *, video: bool = False, generation_prompt: bool = True) -> str:
-        """One user turn holding an image (or video) and ``text``, through the chat template."""
+    def render(
+        self,
+        text: str,
+        *,
+        video: bool = False,
+        generation_prompt: bool = True,
+        images: int = 1,
+        instruction: str | None = None,
+    ) -> str:
+        """One user turn holding ``images`` images (or videos) and then ``text``, through the chat
+        template; ``instruction``, when given, is a text item before the images (verbatim)."""
         if getattr(self.processor, "chat_template", None) is None:
             raise RewardInputError(
                 f"the {self.family} processor has no chat template; use a chat/instruct checkpoint"
             )
-        content = [{"type": "video" if video else "image"}, {"type": "text", "text": text}]
+        if images < 1:
+            raise RewardInputError(f"a turn holds at least one image, got images={images}")
+        content = [{"type": "video" if video else "image"} for _ in range(images)]
+        content.append({"type": "text", "text": text})
+        if instruction is not None:
+            content.insert(0, {"type": "text", "text": instruction})
         return self.processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=generation_prompt, tokenize=False
         )
 
-    def inputs(self, pixels: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Model inputs for B images (B x 3 x H x W) or videos (B x 3 x T x H x W) and B rendered texts."""
+    def inputs(
+        self, pixels: torch.Tensor | Sequence[torch.Tensor], texts: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """Model inputs for B images (B x 3 x H x W) or videos (B x 3 x T x H x W) and B rendered texts.
+
+        ``pixels`` may also be a sequence of N equally shaped batches: N images (videos) per text, text
+        i seeing ``pixels[0][i], ..., pixels[N - 1][i]`` in that order (render it with ``images=N``)."""
+        if isinstance(pixels, torch.Tensor):
+            per_text = 1
+        else:
+            slots = list(pixels)
+            if not slots or any(slot.shape != slots[0].shape for slot in slots):
+                raise RewardInputError(
+                    "several images per text need equally shaped batches, got "
+                    f"{[tuple(slot.shape) for slot in slots]}"
+                )
+            per_text = len(slots)
+            pixels = slots[0] if per_text == 1 else torch.stack(slots, dim=1).flatten(0, 1)  # text-major
+
+        def per_sample(items: list[Any]) -> list[Any]:
+            return (
+                items if per_text == 1 else [items[i : i + per_text] for i in range(0, len(items), per_text)]
+            )
+
+        count = len(texts) * per_text
         video = pixels.ndim == 5
         if video and self.family not in VIDEO_FAMILIES:
             raise RewardInputError(
@@ -102,18 +151,23 @@ class VisionLanguageModel(nn.Module):
         height, width = pixels.shape[-2:]
         if video:
             frames = pixels.shape[2]
-            blank = [np.zeros((frames, height, width, 3), np.uint8) for _ in range(len(texts))]
+            blank = [np.zeros((frames, height, width, 3), np.uint8) for _ in range(count)]
             batch = self.processor(
-                text=texts, videos=blank, padding=True, return_tensors="pt", do_sample_frames=False
+                text=texts,
+                videos=per_sample(blank),
+                padding=True,
+                return_tensors="pt",
+                do_sample_frames=False,
             )
             values, grid = self._qwen_video(pixels)
             batch["pixel_values_videos"], batch["video_grid_thw"] = values, grid
         elif self.differentiable:
-            blank = [Image.new("RGB", (width, height)) for _ in range(len(texts))]
-            batch = self.processor(text=texts, images=blank, padding=True, return_tensors="pt")
+            blank = [Image.new("RGB", (width, height)) for _ in range(count)]
+            batch = self.processor(text=texts, images=per_sample(blank), padding=True, return_tensors="pt")
             batch.update(self.pixel_values(pixels))
         else:
-            batch = self.processor(text=texts, images=_pil_images(pixels), padding=True, return_tensors="pt")
+            images = per_sample(_pil_images(pixels))
+            batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
         batch.pop("labels", None)  # PaliGemma's processor adds training labels
         dtype = next(self.model.parameters()).dtype
         return {
@@ -193,6 +247,28 @@ def first_answer_token(tokenizer: Any, rendered: str, answer: str = "Yes") -> in
     return full_ids[len(prompt_ids)]
 
 
+def answer_token_id(vlm: VisionLanguageModel, answer: str = "Yes") -> int:
+    """The first token of ``answer`` after a rendered question *as the model sees it* (processors may
+    append to the rendered text: PaliGemma's adds a newline). The end of a turn does not depend on the
+    question or on how many images it holds, so one blank image and the question "x" find it."""
+    blank = torch.zeros(1, 3, 56, 56)
+    ids = vlm.inputs(blank, [vlm.render("x")])["input_ids"][0]
+    seen = vlm.tokenizer.decode(ids[-8:], skip_special_tokens=False)
+    return first_answer_token(vlm.tokenizer, seen, answer)
+
+
+def answer_probability(
+    vlm: VisionLanguageModel,
+    pixels: torch.Tensor | Sequence[torch.Tensor],
+    texts: list[str],
+    token_id: int,
+) -> torch.Tensor:
+    """P(first answer token = ``token_id``) after each rendered text, under the softmax over the whole
+    vocabulary (not renormalised over yes/no): [B]. ``pixels`` as in :meth:`VisionLanguageModel.inputs`."""
+    logits = vlm.logits_at_end(vlm.inputs(pixels, texts))
+    return torch.softmax(logits, dim=-1)[:, token_id]
+
+
 class YesTokenReward(Reward):
     """P("Yes") as the first answer token to a question about the image."""
 
@@ -216,18 +292,14 @@ class YesTokenReward(Reward):
         """The answer's first token after the prompt *as the model sees it* (processors may append to the
         rendered text: PaliGemma's adds a newline)."""
         if self._yes_token_id is None:
-            blank = torch.zeros(1, 3, 56, 56)
-            ids = self.vlm.inputs(blank, [self.vlm.render("x")])["input_ids"][0]
-            seen = self.vlm.tokenizer.decode(ids[-8:], skip_special_tokens=False)
-            self._yes_token_id = first_answer_token(self.vlm.tokenizer, seen, self.answer)
+            self._yes_token_id = answer_token_id(self.vlm, self.answer)
         return self._yes_token_id
 
     def probability(self, pixels: torch.Tensor, questions: Sequence[str]) -> torch.Tensor:
         """P(first answer token = Yes) for each (image, question) pair: [B]."""
         video = pixels.ndim == 5
         texts = [self.vlm.render(q, video=video) for q in questions]
-        logits = self.vlm.logits_at_end(self.vlm.inputs(pixels, texts))
-        return torch.softmax(logits, dim=-1)[:, self.yes_token_id()]
+        return answer_probability(self.vlm, pixels, texts, self.yes_token_id())
 
     def score(self, pixels: torch.Tensor, prompts: list[str]) -> RewardOutput:
         return RewardOutput(self.probability(pixels, [self.question.format(prompt=p) for p in prompts]))
@@ -344,6 +416,131 @@ def load_checklist(
     """``questions``: a list of strings or ``{question, weight, name}`` ("{prompt}" is filled in)."""
     scorer = load_vqascore(pretrained=pretrained, answer=answer, device=device, dtype=dtype)
     return ChecklistReward(scorer, questions if questions is not None else DEFAULT_CHECKLIST)
+
+
+# ------------------------------------------------------------------------------------ pairwise judge
+class PairwiseYesTokenJudge(PairwiseReward):
+    """RewardDance-style pairwise judge (Wu et al., arXiv:2509.08826): P("Yes") that image A is better
+    than image B for the prompt.
+
+    One user turn holds ``instruction`` (optional, a text item before the images: RewardDance's task
+    instruction in context), image A, image B, then ``question`` filled with the prompt and
+    ``criterion``; the judgement is the probability of the first token of ``answer`` at the answer
+    position under the full-vocabulary softmax, as :class:`YesTokenReward` (same helpers). Calling it as
+    ``judge(pixels_a, pixels_b, prompts)`` gives Tensor[B] in [0, 1].
+
+    ``symmetric=True`` asks both orders and returns ``(P(A > B) + 1 - P(B > A)) / 2``, which cancels a
+    preference for the first (or second) position; it costs two VLM calls instead of one.
+
+    Reference mode (RewardDance's pairwise reward against a reference image) is the same judge with the
+    references as the second batch: ``judge(samples, references, prompts)``, e.g.
+    ``references.expand_as(samples)`` for one reference per batch.
+
+    Gradients reach both pixel batches for the families of ``DIFFERENTIABLE_FAMILIES`` (Qwen2-VL,
+    Qwen2.5-VL, LLaVA, PaliGemma): the two images of a turn go through the same torch preprocessing as
+    one image. Other families are scored through their processor on uint8 images and are flagged
+    ``info.differentiable = False``. Videos (two per turn) work for the Qwen families.
+    """
+
+    def __init__(
+        self,
+        vlm: VisionLanguageModel,
+        *,
+        question: str = DEFAULT_PAIRWISE_QUESTION,
+        criterion: str = DEFAULT_CRITERION,
+        instruction: str | None = None,
+        symmetric: bool = False,
+        answer: str = "Yes",
+        yes_token_id: int | None = None,
+    ):
+        super().__init__()
+        try:
+            question.format(prompt="", criterion="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise RewardInputError(
+                f"vlm-pairwise: the question may use only {{prompt}} and {{criterion}} ({error!r}); write a "
+                "literal brace as {{ or }}"
+            ) from None
+        self.vlm, self.question, self.criterion = vlm, question, criterion
+        self.instruction, self.symmetric, self.answer = instruction, bool(symmetric), answer
+        self._yes_token_id = yes_token_id
+        self.info = RewardInfo(
+            name="vlm-pairwise",
+            description="P(Yes) of a VLM asked whether the first image is better than the second "
+            + ("(both orders averaged; RewardDance-style)" if symmetric else "(RewardDance-style)"),
+            differentiable=vlm.differentiable,
+            modality="image+video" if vlm.family in VIDEO_FAMILIES else "image",
+            scale="probability of the 'Yes' token that image A is better (full-vocabulary softmax)",
+            typical_range=(0.0, 1.0),
+            default_checkpoint=DEFAULT_VLM,
+            needs_prompt="{prompt}" in question,
+        )
+
+    def yes_token_id(self) -> int:
+        if self._yes_token_id is None:
+            self._yes_token_id = answer_token_id(self.vlm, self.answer)
+        return self._yes_token_id
+
+    def texts(self, prompts: Sequence[str], *, video: bool = False) -> list[str]:
+        """The rendered two-image turns for these prompts."""
+        return [
+            self.vlm.render(
+                self.question.format(prompt=p, criterion=self.criterion),
+                video=video,
+                images=2,
+                instruction=self.instruction,
+            )
+            for p in prompts
+        ]
+
+    def first_is_better(self, first: torch.Tensor, second: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """P(Yes) that ``first`` is better than ``second``, in that order in the turn (one VLM call): [B]."""
+        texts = self.texts(prompts, video=first.ndim == 5)
+        return answer_probability(self.vlm, (first, second), texts, self.yes_token_id())
+
+    def compare(self, pixels_a: torch.Tensor, pixels_b: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        forward = self.first_is_better(pixels_a, pixels_b, prompts)
+        if not self.symmetric:
+            return forward
+        return 0.5 * (forward + 1.0 - self.first_is_better(pixels_b, pixels_a, prompts))
+
+
+PAIRWISE_VLM_INFO = RewardInfo(
+    name="vlm-pairwise",
+    description="P(Yes) of a VLM asked whether the first image is better than the second (RewardDance-style)",
+    differentiable=True,
+    modality="image+video",
+    scale="probability of the 'Yes' token that image A is better (full-vocabulary softmax)",
+    typical_range=(0.0, 1.0),
+    default_checkpoint=DEFAULT_VLM,
+)
+
+
+def load_pairwise_vlm(
+    *,
+    pretrained: str | None = None,
+    question: str = DEFAULT_PAIRWISE_QUESTION,
+    criterion: str = DEFAULT_CRITERION,
+    instruction: str | None = None,
+    symmetric: bool = False,
+    answer: str = "Yes",
+    yes_token_id: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> PairwiseYesTokenJudge:
+    """The ``vlm-pairwise`` judge. ``pretrained``: an image-text-to-text checkpoint with a chat template
+    (default Qwen2-VL-2B-Instruct); ``question``: a template with ``{prompt}`` and ``{criterion}``;
+    ``instruction``: task instruction put before the two images; ``symmetric``: average both orders."""
+    vlm = VisionLanguageModel.load(pretrained, what="vlm-pairwise", device=device, dtype=dtype)
+    return PairwiseYesTokenJudge(
+        vlm,
+        question=question,
+        criterion=criterion,
+        instruction=instruction,
+        symmetric=symmetric,
+        answer=answer,
+        yes_token_id=yes_token_id,
+    )
 
 
 # ------------------------------------------------------------------------------------------ multi-head

@@ -411,7 +411,7 @@ def test_what_the_fuzz_found(capsys):
     """Regressions: an unknown key in a reward listed no allowed keys; `grpo: false` (or [], "", 0) meant
     the defaults; --reward-option NAME.=VALUE was refused without naming the flag; NaN/inf floats and
     AdamW betas outside [0, 1) were accepted."""
-    allowed = "unknown key; allowed keys here: options, weight"
+    allowed = "unknown key; allowed keys here: options, shaping, weight"
     with pytest.raises(VialignInputError, match=f"rewards.pickscore.wieght: {allowed}"):
         load_config(TrainConfig, None, ["rewards.pickscore.wieght=2"])
     with pytest.raises(VialignInputError, match=f"rewards.7.a: {allowed}"):

@@ -276,3 +276,68 @@ def test_shaping_transforms_equal_their_formulas():
     assert torch.equal(restored(torch.tensor([10.0])), clip(torch.tensor([10.0])))
     with pytest.raises(rewards.RewardInputError, match=r"references must be \[B, M\]"):
         par(r, refs[:2])
+
+
+class MeanJudge(rewards.PairwiseReward):
+    """P(a better) = sigmoid(200 (brightness(a) - brightness(b))); records the size of every call."""
+
+    info = RewardInfo("mean-judge", "test", False, "image", "probability", (0, 1), needs_prompt=False)
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def compare(self, pixels_a, pixels_b, prompts):
+        self.calls.append(len(prompts))
+        brightness = rewards.load_reward("brightness")
+        return torch.sigmoid(200 * (brightness(pixels_a).score - brightness(pixels_b).score))
+
+
+def test_grpo_with_a_pairwise_judge_trains_on_its_win_rates(
+    tmp_path, tiny_dir, prompt_file, monkeypatch, quiet_libraries
+):
+    """grpo.judge: every unordered pair of each group judged once (3 pairs per group of 3, in calls of at
+    most judge_batch_size=2 pairs, groups batched together), soft win rates = the judge's probabilities summed over the G - 1 others,
+    then the group z-scores; by hand from the samples' brightness (the training reward, logged)."""
+    judge = MeanJudge()
+    monkeypatch.setattr(rewards, "load_pairwise", lambda name, **options: judge, raising=False)
+    trainer, metrics = grpo_step(
+        tmp_path,
+        tiny_dir,
+        prompt_file,
+        "brightness",
+        "grpo.comparison=pairwise-winrate",
+        "grpo.judge=mean-judge",
+        "grpo.judge_batch_size=2",
+        "grpo.win_rate=soft",
+    )
+    assert judge.calls == [2, 2, 2]  # 2 groups x 3 pairs, in batches of 2
+    means = trainer.algorithm.last_scores.tolist()
+    expected = []
+    for group in (means[:3], means[3:]):
+        rates = [
+            sum(1 / (1 + math.exp(-200 * (a - b))) for j, b in enumerate(group) if j != i) / 2
+            for i, a in enumerate(group)
+        ]
+        mean = sum(rates) / 3
+        std = (sum((r - mean) ** 2 for r in rates) / 3) ** 0.5
+        expected += [(r - mean) / (std + 1e-4) for r in rates]
+    torch.testing.assert_close(trainer.algorithm.last_advantages, torch.tensor(expected), rtol=0, atol=1e-4)
+    assert metrics["optimizer_updates"] == 1
+
+
+def test_a_judge_needs_pairwise_winrate_and_a_pairwise_reward(
+    tmp_path, tiny_dir, prompt_file, monkeypatch, quiet_libraries
+):
+    from vialign.config import TrainConfig, load_config
+    from vialign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="set grpo.comparison=pairwise-winrate"):
+        load_config(TrainConfig, None, ["algorithm=grpo", "grpo.judge=vlm-pairwise"])
+    monkeypatch.setattr(rewards, "load_pairwise", lambda name, **options: Amplified(), raising=False)
+    with pytest.raises(
+        rewards.RewardInputError, match="grpo.judge needs a pairwise reward.*PointwiseAsPairwise"
+    ):
+        grpo_step(
+            tmp_path, tiny_dir, prompt_file, "brightness", "grpo.comparison=pairwise-winrate", "grpo.judge=x"
+        )

@@ -340,7 +340,8 @@ def test_prompt_dropout_rate_and_processes(tmp_path, prompt_file):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "algorithm", ["grpo", "draft", "alignprop", "refl", "adjoint_matching", "dpo", "online_dpo"]
+    "algorithm",
+    ["grpo", "draft", "alignprop", "refl", "adjoint_matching", "dpo", "online_dpo", "raft", "rwr"],
 )
 def test_warmup_applies_to_every_algorithm(algorithm, tmp_path, tiny_dir, prompt_file, quiet_libraries):
     """optim.warmup_steps: the learning rate of training step s is lr * s / warmup, for every algorithm

@@ -364,8 +364,19 @@ def test_two_processes_equal_one(tmp_path, tiny_dir, prompt_file):
     every algorithm family: GRPO (with KL; and with the recipes' 2 updates per round, shared group noise,
     DanceGRPO's per-sample steps and prompt dropout), DRaFT+ (reference model, 2 micro-batches), ReFL (with the
     denoising regulariser), Adjoint Matching (loss clipping from the global batch), offline DPO (pairs
-    and their latent cache) and online DPO (whole groups per process)."""
-    algorithms = ["grpo", "grpo_recipe", "draft", "refl", "adjoint_matching", "dpo", "online_dpo"]
+    and their latent cache), online DPO (whole groups per process), RAFT and RWR (weights from the global
+    batch, a group split across processes)."""
+    algorithms = [
+        "grpo",
+        "grpo_recipe",
+        "draft",
+        "refl",
+        "adjoint_matching",
+        "dpo",
+        "online_dpo",
+        "raft",
+        "rwr",
+    ]
     script = Path(__file__).with_name("train_two_steps.py")
     sys.path.insert(0, str(script.parent))
     from train_two_steps import regularizer_images

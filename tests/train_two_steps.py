@@ -3,7 +3,7 @@ two training steps of each algorithm named on the command line, on a tiny SD3 wi
 (GRPO) or 4 (the others); the main process writes the trained weights (and GRPO's global advantages) to
 OUT/<algorithm>/result.safetensors.
 
-    python tests/train_two_steps.py MODEL_DIR PROMPTS.txt OUT grpo grpo_recipe draft refl adjoint_matching dpo online_dpo
+    python tests/train_two_steps.py MODEL_DIR PROMPTS.txt OUT grpo grpo_recipe draft refl adjoint_matching dpo online_dpo raft rwr
 """
 
 import json
@@ -81,6 +81,15 @@ SETTINGS = {
         "online_dpo.samples_per_prompt=2",
         "online_dpo.pairs_per_step=2",
         "online_dpo.micro_batch_size=1",
+    ],
+    # weights from the global batch's rewards; a group split across the two processes
+    "raft": ["raft.prompts_per_step=2", "raft.samples_per_prompt=2", "raft.micro_batch_size=1"],
+    "rwr": [
+        "rwr.prompts_per_step=2",
+        "rwr.samples_per_prompt=2",
+        "rwr.micro_batch_size=1",
+        "rwr.temperature=0.1",
+        "rwr.updates_per_step=2",
     ],
 }
 

@@ -176,8 +176,8 @@ def win_rates(
     wins = torch.zeros(len(group_ids), dtype=torch.float64)
     wins.index_add_(0, pairs[:, 0], p)
     wins.index_add_(0, pairs[:, 1], 1 - p)
-    sizes = torch.bincount(torch.unique(group_ids, return_inverse=True)[1])
-    comparisons = sizes[torch.unique(group_ids, return_inverse=True)[1]] - 1
+    group_index = torch.unique(group_ids, return_inverse=True)[1]
+    comparisons = torch.bincount(group_index)[group_index] - 1
     rates = torch.where(comparisons > 0, wins / comparisons.clamp(min=1), torch.full_like(wins, 0.5))
     return rates.float()
 
@@ -229,3 +229,56 @@ def advantage_health(
         return AdvantageHealth(0.0, 0.0, False)
     near = sum(std <= tolerance * scale for std in stds) / len(stds)
     return AdvantageHealth(sum(stds) / len(stds), near, near >= 0.5)
+
+
+def raft_selection(
+    rewards: torch.Tensor, group_size: int, *, mode: str = "per_prompt", fraction: float = 0.2
+):
+    """RAFT's kept samples (Dong et al. 2023, arXiv:2304.06767, Alg. 1): ``per_prompt`` keeps the best of
+    each group of ``group_size`` (LMFlow's "local" ranking), ``global`` the top ``fraction`` of the whole
+    batch (at least one; its "top" ranking). Ties go to the earlier sample; non-finite rewards are never
+    kept (a group with none finite keeps nothing). Returns a bool mask [B]."""
+    if rewards.ndim != 1 or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards must be [B] with B a multiple of group_size={group_size}, got {tuple(rewards.shape)}"
+        )
+    finite = torch.isfinite(rewards)
+    ranked = torch.where(finite, rewards.double(), torch.tensor(float("-inf"), dtype=torch.float64))
+    keep = torch.zeros_like(finite)
+    if mode == "per_prompt":
+        grouped = ranked.view(-1, group_size)
+        best = grouped.argmax(1)  # the first maximum
+        rows = torch.arange(len(grouped)) * group_size + best
+        keep[rows] = True
+    elif mode == "global":
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        count = max(1, round(fraction * rewards.numel()))
+        order = sorted(range(rewards.numel()), key=lambda i: (-float(ranked[i]), i))  # stable: earlier first
+        keep[order[:count]] = True
+    else:
+        raise ValueError(f"mode must be 'per_prompt' or 'global', got {mode!r}")
+    return keep & finite
+
+
+def rwr_weights(rewards: torch.Tensor, temperature: float = 1.0, *, normalize: str = "none") -> torch.Tensor:
+    """Reward-weighted regression weights: ``exp(r / temperature)`` (Flow-RWR, arXiv:2501.13918, Eq. 9;
+    ``normalize="none"``), or the same divided by its batch mean (``"batch"``: a softmax over the batch
+    times B, so the weights average 1 whatever the reward's level; computed stably). Non-finite rewards
+    get weight 0 and stay out of the batch mean."""
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be [B], got {tuple(rewards.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    finite = torch.isfinite(rewards)
+    scaled = torch.where(
+        finite, rewards.double() / temperature, torch.tensor(float("-inf"), dtype=torch.float64)
+    )
+    if normalize == "none":
+        return scaled.exp().float()
+    if normalize == "batch":
+        count = int(finite.sum())
+        if count == 0:
+            return torch.zeros_like(rewards, dtype=torch.float32)
+        return (torch.softmax(scaled, 0) * count).float()
+    raise ValueError(f"normalize must be 'none' or 'batch', got {normalize!r}")

@@ -13,10 +13,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from vialign.algorithms import algorithm_names, get_algorithm
 from vialign.errors import ConfigError, VialignInputError
@@ -123,6 +132,65 @@ class SamplerConfig(StrictModel):
         return self
 
 
+REFERENCE_KINDS = ("par", "centered", "delta")  # shaping kinds compared with reference-policy samples
+
+
+class ShapingSpec(StrictModel):
+    """``rewards.<name>.shaping``: a transform of that reward's score (``rewards.shaping``; Fu et al. 2025,
+    PAR, arXiv 2502.18770). r is the reward, r_ref_1..M the same reward of M images the reference policy
+    (the model before training) samples for the same prompt (docs/algorithms.md "Reward shaping")."""
+
+    kind: Literal["par", "centered", "delta", "ceiling", "clip"] = Field(
+        description="par: mean_m sigmoid(k (r - r_ref_m)); centered (alias delta): r - mean_m r_ref_m; "
+        "ceiling: min(r, value); clip: r clipped to its running mean -/+ running std"
+    )
+    k: float = Field(1.0, gt=0, le=1e6, description="par only: sigmoid sharpness k")
+    value: float | None = Field(
+        None, validate_default=True, description="ceiling only (required there): the ceiling c in min(r, c)"
+    )
+    reference_samples: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="par, centered and delta: reference-policy images per prompt (M; PAR finds 1 enough)",
+    )
+
+    # field validators (``kind`` is validated first): an error then names rewards.<name>.shaping.<key>
+    @field_validator("value")
+    @classmethod
+    def _value_for_ceiling(cls, value: float | None, info: ValidationInfo) -> float | None:
+        kind = info.data.get("kind")
+        if kind == "ceiling" and value is None:
+            raise ValueError(
+                "kind=ceiling needs the ceiling c of min(r, c), e.g. shaping: {kind: ceiling, value: 0.8}"
+            )
+        if kind is not None and kind != "ceiling" and value is not None:
+            raise ValueError(f"only kind=ceiling takes a value; remove it for kind={kind}")
+        return value
+
+    @field_validator("k")
+    @classmethod
+    def _k_for_par(cls, value: float, info: ValidationInfo) -> float:
+        kind = info.data.get("kind")
+        if kind is not None and kind != "par":
+            raise ValueError(f"only kind=par takes k; remove it for kind={kind}")
+        return value
+
+    @field_validator("reference_samples")
+    @classmethod
+    def _samples_for_references(cls, value: int, info: ValidationInfo) -> int:
+        kind = info.data.get("kind")
+        if kind is not None and kind not in REFERENCE_KINDS:
+            raise ValueError(
+                f"only kind=par, centered and delta sample the reference policy; remove it for kind={kind}"
+            )
+        return value
+
+    @property
+    def needs_references(self) -> bool:
+        return self.kind in REFERENCE_KINDS
+
+
 class RewardSpec(StrictModel):
     """One reward of a weighted combination."""
 
@@ -130,6 +198,21 @@ class RewardSpec(StrictModel):
     options: dict[str, Any] = Field(
         default_factory=dict, description="options of rewards.load_reward(name, ...)"
     )
+    shaping: ShapingSpec | None = Field(
+        None,
+        description="training only: a transform of this reward (par, centered/delta, ceiling, clip), e.g. "
+        "{kind: par, k: 1}; the weight multiplies the shaped reward",
+    )
+
+
+def _no_shaping(rewards: Mapping[str, RewardSpec], section: str) -> None:
+    """Shaping is a training feature (par and centered sample the policy being trained against)."""
+    for name, spec in rewards.items():
+        if spec.shaping is not None:
+            raise ValueError(
+                f"{section}.{name}.shaping: reward shaping applies to training rewards only (vialign train); "
+                "remove it here"
+            )
 
 
 class SMCConfig(StrictModel):
@@ -186,6 +269,7 @@ class SteerConfig(StrictModel):
 
     @model_validator(mode="after")
     def _method_needs_reward(self) -> SteerConfig:
+        _no_shaping(self.rewards, "steer.rewards")
         if self.method is None and self.rewards:
             raise ValueError(
                 "rewards are given but no method: set steer.method (--steer best-of-n|smc|reno|guidance)"
@@ -267,6 +351,11 @@ class ScoreConfig(StrictModel):
         if not value.endswith((".jsonl", ".csv")):
             raise ValueError(f"must end in .jsonl or .csv, not {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _rewards_unshaped(self) -> ScoreConfig:
+        _no_shaping(self.rewards, "rewards")
+        return self
 
 
 class EvalConfig(StrictModel):
@@ -552,10 +641,20 @@ def _allowed_keys(schema: type[BaseModel], loc: Sequence[Any]) -> list[str]:
             if isinstance(model, type) and issubclass(model, BaseModel)
             else None
         )
-        model = field.annotation if field is not None else None
+        model = _section_model(field.annotation) if field is not None else None
+    model = _section_model(model)
     if isinstance(model, type) and issubclass(model, BaseModel):
         return sorted(model.model_fields)
     return []
+
+
+def _section_model(annotation: Any) -> Any:
+    """The section of an optional one (``ShapingSpec | None`` -> ``ShapingSpec``), else ``annotation``."""
+    if get_origin(annotation) in (Union, UnionType):
+        sections = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(sections) == 1:
+            return sections[0]
+    return annotation
 
 
 def problem_lines(

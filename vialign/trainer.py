@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -48,10 +49,52 @@ from vialign.data import load_prompts, split_prompts
 from vialign.distributed import Processes
 from vialign.errors import VialignInputError
 from vialign.files import JsonlAppender, disk_error, read_jsonl_rows, write_atomically
+from vialign.seeds import mix_seed
 
 logger = logging.getLogger(__name__)
 
 SHAPEWORLD_ORACLE = "shapeworld-oracle"
+
+# mix_seed(seed, REFERENCE_SEED_STREAM, prompt_key(prompt), m): the noise of reward shaping's reference samples
+REFERENCE_SEED_STREAM = 0x50415200  # "PAR\0"
+
+
+def prompt_key(prompt: str) -> int:
+    """A stable 64-bit integer of a prompt: the first 8 bytes (big-endian) of the SHA-256 of its UTF-8."""
+    return int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big")
+
+
+def reference_seed(seed: int, prompt: str, index: int) -> int:
+    """The noise seed of the ``index``-th (0-based) reference-policy sample of ``prompt`` for reward shaping
+    (``rewards.<name>.shaping`` par / centered): ``mix_seed(seed, REFERENCE_SEED_STREAM, prompt_key(prompt),
+    index)``. It depends on no step, process or batch, so a prompt's reference images are the same whenever
+    and wherever they are first needed (and after a resume)."""
+    return mix_seed(seed, REFERENCE_SEED_STREAM, prompt_key(prompt), index)
+
+
+class ReferenceRewards:
+    """``references(prompts) -> [B, M]`` of one shaped reward (par, centered): for each prompt, the reward of
+    M images the reference policy (the model before training) samples with the ODE along the training
+    schedule and guidance, from :func:`reference_seed`; computed once per prompt and cached (checkpointed
+    as ``state.json["reward_shaping"][name]["references"]``)."""
+
+    def __init__(self, trainer: Trainer, reward: Any, samples: int):
+        self.trainer, self.reward, self.samples = trainer, reward, samples
+        self.cache: dict[str, list[float]] = {}
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        for prompt in dict.fromkeys(prompts):
+            if prompt not in self.cache:
+                self.cache[prompt] = self.trainer.sample_reference_rewards(self.reward, prompt, self.samples)
+        return torch.tensor([self.cache[prompt] for prompt in prompts], dtype=torch.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"references": {prompt: list(values) for prompt, values in self.cache.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cache = {
+            prompt: [float(v) for v in values] for prompt, values in state.get("references", {}).items()
+        }
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -312,13 +355,40 @@ class Trainer:
 
     def _load_rewards(self):
         import rewards
+        from rewards.shaping import ShapedReward
 
         specs = self.config.rewards
+        self.reference_rewards: dict[str, ReferenceRewards] = {}
+        self.initial_denoiser: torch.nn.Module | None = None  # full fine-tuning: the reference of shaping
+        self.initial_is_reference = False  # ... shared with the algorithm's frozen copy until that changes
         if not specs:  # an algorithm that needs no reward (the config checked the others have one)
             return None
+        shaped = {}
+        for name, spec in specs.items():
+            if spec.shaping is None:
+                continue
+            shaping, inner = spec.shaping, rewards.load_reward(name, **spec.options)
+            references = None
+            if shaping.needs_references:
+                references = ReferenceRewards(self, inner, shaping.reference_samples)
+                self.reference_rewards[name] = references
+            shaped[name] = ShapedReward(
+                inner,
+                shaping.kind,
+                k=shaping.k,
+                value=shaping.value,
+                references=references,
+                gather=self.processes.gather,  # clip: running statistics of the global batch
+            )
+        if self.reference_rewards and self.config.finetune.method == "full":
+            if self.algorithm_class.needs_reference(self.config.settings):
+                self.initial_is_reference = True  # _reference() makes the frozen copy; shared until refreshed
+            else:
+                self.initial_denoiser = self._frozen_copy()
         reward = rewards.combine(
             {name: spec.weight for name, spec in specs.items()},
-            {name: spec.options for name, spec in specs.items()},
+            {name: spec.options for name, spec in specs.items() if name not in shaped},
+            rewards=shaped,
         )
         if self.algorithm_class.reward == "differentiable":
             for component in reward.components.values():
@@ -365,8 +435,110 @@ class Trainer:
         config = self.config
         if config.finetune.method != "full" or not self.algorithm_class.needs_reference(config.settings):
             return None
+        return self._frozen_copy()
+
+    def _frozen_copy(self) -> torch.nn.Module:
         reference = copy.deepcopy(self.adapter.unwrapped_denoiser).requires_grad_(False).eval()
         return reference.to("cpu") if self.config.finetune.reference_on_cpu else reference
+
+    # ------------------------------------------------------------------ reward shaping's reference policy
+    def _keep_initial_denoiser(self) -> None:
+        """Before the algorithm's frozen copy changes (a refresh, or a resume restoring a refreshed one),
+        reward shaping takes its own copy of the initial weights."""
+        if self.initial_is_reference and self.reference_denoiser is not None:
+            self.initial_denoiser = copy.deepcopy(self.reference_denoiser)
+        self.initial_is_reference = False
+
+    @contextlib.contextmanager
+    def initial_policy(self) -> Iterator[None]:
+        """The model before training inside the block, whatever the caller's context (also inside
+        ``reference()`` of a refreshed reference): LoRA disabled, or the frozen initial copy (full
+        fine-tuning); the denoiser in eval mode. Weights are never written, so a live autograd graph (a
+        differentiable reward inside a gradient step) is untouched."""
+        adapter = self.adapter
+        if self.config.finetune.method == "lora":
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            denoiser = adapter.unwrapped_denoiser
+            active = any(not m.disable_adapters for m in denoiser.modules() if isinstance(m, BaseTunerLayer))
+            training = denoiser.training
+            denoiser.eval()
+            try:
+                with adapter.lora_disabled() if active else contextlib.nullcontext():
+                    yield
+            finally:
+                denoiser.train(training)
+            return
+        initial = self.reference_denoiser if self.initial_is_reference else self.initial_denoiser
+        moved = (  # finetune.reference_on_cpu: on the device while sampling (unless a caller already moved it)
+            self.config.finetune.reference_on_cpu
+            and next(initial.parameters()).device.type == "cpu"
+            and torch.device(adapter.device).type != "cpu"
+        )
+        if moved:
+            initial.to(adapter.device)
+        previous, adapter.denoiser = adapter.denoiser, initial
+        try:
+            yield
+        finally:
+            adapter.denoiser = previous
+            if moved:
+                initial.to("cpu")
+
+    def sample_reference_rewards(self, reward: Any, prompt: str, count: int) -> list[float]:
+        """``reward`` of ``count`` images of ``prompt`` from the reference policy (:meth:`initial_policy`):
+        ODE along the training schedule and guidance, one batch of ``count``, noise from
+        :func:`reference_seed` (explicit generators; the global RNG is forked, so training draws are
+        untouched)."""
+        from vialign.sampling import Sampler, rollout_prompts
+
+        adapter, sampling = self.adapter, self.config.sampler
+        height, width = self.image_size()
+        schedule = adapter.schedule(sampling.num_steps or adapter.default_num_steps, height, width)
+        seeds = [reference_seed(self.config.seed, prompt, m) for m in range(count)]
+        devices = [adapter.device] if torch.device(adapter.device).type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            with self.initial_policy():
+                trajectory = rollout_prompts(
+                    adapter,
+                    [prompt] * count,
+                    seeds,
+                    schedule,
+                    height=height,
+                    width=width,
+                    guidance=adapter.make_guidance(sampling.guidance_scale),
+                    sampler=Sampler(),
+                )
+            pixels = adapter.decode(trajectory.final)
+            scores = reward(pixels, [prompt] * count).score.float().cpu()
+        if not torch.isfinite(scores).all():
+            logger.warning(
+                "reward shaping: the reference reward of %r is not finite (%s): its shaped rewards will be NaN",
+                prompt,
+                scores.tolist(),
+            )
+        return scores.tolist()
+
+    def shaping_state(self) -> dict[str, Any]:
+        """JSON-serialisable state of the shaped rewards: reference caches and running clip statistics."""
+        state: dict[str, Any] = {}
+        components = self.reward.components if self.reward is not None else {}
+        for name, component in components.items():
+            if hasattr(component, "shaping_state"):
+                state[name] = dict(component.shaping_state())
+                if name in self.reference_rewards:
+                    state[name].update(self.reference_rewards[name].state_dict())
+        return state
+
+    def load_shaping_state(self, state: dict[str, Any]) -> None:
+        for name, saved in state.items():
+            if self.reward is None or name not in self.reward.components:
+                continue
+            component = self.reward.components[name]
+            if hasattr(component, "load_shaping_state"):
+                component.load_shaping_state(saved)
+            if name in self.reference_rewards:
+                self.reference_rewards[name].load_state_dict(saved)
 
     # ------------------------------------------------------------------ services for algorithms
     def _refreshed_reference(self) -> list[torch.Tensor] | None:
@@ -380,6 +552,7 @@ class Trainer:
     def refresh_reference(self) -> None:
         """Make the reference the current policy (online DPO's reference updates): the frozen copy takes the
         trained weights (full fine-tuning), or a snapshot of the LoRA weights replaces "LoRA disabled"."""
+        self._keep_initial_denoiser()
         with torch.no_grad():
             if self.reference_denoiser is not None:
                 for target, param in zip(self.reference_denoiser.parameters(), self.trainable):
@@ -518,7 +691,10 @@ class Trainer:
             models = {}
             for name in names:
                 if self.reward is not None and name in self.reward.components:
-                    models[name] = self.reward.components[name]
+                    # a shaped reward is evaluated unshaped: eval/<name> is the raw reward
+                    models[name] = getattr(
+                        self.reward.components[name], "inner", self.reward.components[name]
+                    )
                 else:
                     models[name] = rewards.load_reward(name).to(self.adapter.device).eval()
             self._eval_reward_models = models
@@ -599,6 +775,9 @@ class Trainer:
                 "world_size": self.world_size,
                 "optimizer_updates": self.optimizer_updates,
             }
+            shaping = self.shaping_state()
+            if shaping:
+                state["reward_shaping"] = shaping
             save_checkpoint(
                 self.checkpoint_dir, step, tensors, state, keep=self.config.train.checkpoints_kept
             )
@@ -625,6 +804,7 @@ class Trainer:
                 tensors[f"reference.{n}"].to(p.device, p.dtype) for n, p in zip(names, self.trainable)
             ]
             if self.reference_denoiser is not None:
+                self._keep_initial_denoiser()
                 with torch.no_grad():
                     for target, value in zip(self.reference_denoiser.parameters(), reference):
                         target.copy_(value)
@@ -633,6 +813,7 @@ class Trainer:
             self.reference_refreshed = True
         optimizer_from_flat(self.optimizer, tensors, state["optimizer"])
         self.algorithm.load_state_dict(state["algorithm"])
+        self.load_shaping_state(state.get("reward_shaping", {}))
         self.optimizer_updates = state.get("optimizer_updates", state["step"])
         self.start_step = state["step"] + 1
         if self.is_main:

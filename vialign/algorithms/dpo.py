@@ -112,13 +112,20 @@ def dpo_timesteps(adapter, count: int, settings: DPOSettings, generator: torch.G
 
 
 def pair_errors(
-    adapter, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond, guidance: Guidance = Guidance()
+    adapter,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    cond,
+    guidance: Guidance = Guidance(),
+    uncond=None,
 ) -> torch.Tensor:
-    """Per-sample mean squared error of the conditional denoiser (no CFG; FLUX-dev's guidance embedding
-    if ``guidance`` has one) against its target at ``alpha_t x0 + sigma_t noise``."""
+    """Per-sample mean squared error of the denoiser against its target at ``alpha_t x0 + sigma_t noise``:
+    the conditional prediction (DPO; FLUX-dev's guidance embedding if ``guidance`` has one), or the
+    CFG-guided one when ``guidance`` has a CFG scale and ``uncond`` is given."""
     alpha, sigma = adapter.coefficients(t.to(adapter.device))
     alpha, sigma = alpha.view(-1, 1, 1, 1).float(), sigma.view(-1, 1, 1, 1).float()
-    output = adapter.predict(alpha * x0 + sigma * noise, t, cond, guidance)
+    output = adapter.predict(alpha * x0 + sigma * noise, t, cond, guidance, uncond)
     target = denoising_target(adapter.prediction_type, x0.float(), noise.float(), alpha, sigma)
     return (output.float() - target).square().flatten(1).mean(1)
 

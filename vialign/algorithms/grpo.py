@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -74,6 +74,16 @@ class GRPOSettings(StrictModel):
     pairwise_temperature: float = Field(
         1.0, gt=0, description="pairwise-winrate: P(a > b) = sigmoid((r_a - r_b) / temperature)"
     )
+    judge: str | None = Field(
+        None,
+        description="pairwise-winrate: a pairwise judge by name (rewards.load_pairwise, e.g. vlm-pairwise: a VLM "
+        "asked whether the first image is better), every pair of a group judged by it; null: the training "
+        "reward read as a Bradley-Terry judge",
+    )
+    judge_options: dict[str, Any] = Field(
+        default_factory=dict, description="options of rewards.load_pairwise(judge, ...)"
+    )
+    judge_batch_size: int = Field(8, ge=1, le=4096, description="pairs per judge call")
     win_rate: Literal["hard", "soft"] = Field(
         "hard", description="pairwise-winrate: count wins (P > 0.5; ties 0.5, as Pref-GRPO) or sum P"
     )
@@ -123,6 +133,11 @@ class GRPOSettings(StrictModel):
             raise ValueError(
                 "comparison=pairwise-winrate makes one win rate per sample from the reward sum: it does not "
                 "combine with per_prompt_stats or reward_mode=per_reward"
+            )
+        if (self.judge is not None or self.judge_options) and self.comparison != "pairwise-winrate":
+            raise ValueError(
+                "grpo.judge compares the samples of a group in pairs: set grpo.comparison=pairwise-winrate, or "
+                "drop grpo.judge to train on the pointwise reward"
             )
         samples = self.group_size * self.prompts_per_step
         if samples % self.updates_per_round:
@@ -238,6 +253,12 @@ class GRPO(Algorithm):
             else None
         )
         self.counters = {"nonfinite_groups": 0, "skipped_updates": 0}
+        self.judge = None
+        if settings.judge is not None:
+            import rewards
+
+            judge = rewards.load_pairwise(settings.judge, **settings.judge_options)
+            self.judge = rewards.require_pairwise(judge, "grpo.judge").to(context.adapter.device).eval()
         if settings.reward_mode == "pareto" and len(context.reward_weights) < 2:
             raise VialignInputError(
                 f"grpo.reward_mode=pareto selects samples no other beats on every reward, which needs two or "
@@ -264,8 +285,13 @@ class GRPO(Algorithm):
         return replace(self.sampler, sde_window=(start, start + width))
 
     def advantages(
-        self, scores: torch.Tensor, dims: dict[str, torch.Tensor], prompts: list[str]
+        self,
+        scores: torch.Tensor,
+        dims: dict[str, torch.Tensor],
+        prompts: list[str],
+        judged: torch.Tensor | None = None,
     ) -> Advantages:
+        """Advantages of the global batch; ``judged``: win rates a pairwise judge already made."""
         settings = self.settings
         if self.tracker is not None:
             return self.tracker.advantages(prompts, scores, clip=settings.advantage_clip)
@@ -277,7 +303,9 @@ class GRPO(Algorithm):
         )
         if settings.reward_mode == "per_reward":
             return per_reward_advantages(dims, self.context.reward_weights, group_ids, **options)
-        if settings.comparison == "pairwise-winrate":
+        if judged is not None:
+            scores = judged
+        elif settings.comparison == "pairwise-winrate":
             scores = self.win_rates(scores, group_ids)
         advantages = group_advantages(scores, group_ids, **options)
         if settings.reward_mode == "pareto":
@@ -310,9 +338,29 @@ class GRPO(Algorithm):
         )
         return win_rates(probability, pairs, group_ids, hard=self.settings.win_rate == "hard")
 
+    def judged_win_rates(self, pixels: torch.Tensor, prompts: list[str], lo: int) -> torch.Tensor:
+        """Pref-GRPO with a pairwise judge: every unordered pair of each local group judged once, in batches
+        of ``judge_batch_size`` pairs; each sample's win rate in its group (this process's samples)."""
+        settings = self.settings
+        group_ids = (torch.arange(len(prompts)) + lo) // settings.group_size
+        pairs = group_pairs(group_ids)
+        judgements = []
+        with torch.no_grad():
+            for start in range(0, len(pairs), settings.judge_batch_size):
+                a, b = pairs[start : start + settings.judge_batch_size].unbind(1)
+                judgements.append(self.judge(pixels[a], pixels[b], [prompts[i] for i in a.tolist()]).cpu())
+        probability = torch.cat(judgements) if judgements else torch.zeros(0)
+        return win_rates(probability, pairs, group_ids, hard=settings.win_rate == "hard")
+
     def step(self, step: int) -> dict[str, float]:
         context, settings, adapter = self.context, self.settings, self.context.adapter
         global_prompts, lo, hi = context.step_prompts(step, settings.prompts_per_step, settings.group_size)
+        if self.judge is not None and (lo % settings.group_size or hi % settings.group_size):
+            raise VialignInputError(
+                f"grpo.judge compares the images of a group, so each process must hold whole groups: make the "
+                f"{len(global_prompts)} samples of a step (prompts_per_step x group_size) a multiple of "
+                f"group_size ({settings.group_size}) x the number of processes"
+            )
         local_prompts = global_prompts[lo:hi]
         micro = settings.micro_batch_size
         started = time.perf_counter()
@@ -331,16 +379,23 @@ class GRPO(Algorithm):
                 [adapter.decode(trajectory.final[i : i + micro]) for i in range(0, hi - lo, micro)]
             )
             out = context.reward(pixels, local_prompts)
+            judged = None
+            if self.judge is not None:
+                judged = context.gather(
+                    self.judged_win_rates(pixels, local_prompts, lo).to(adapter.device)
+                ).cpu()
         rollout_seconds = time.perf_counter() - started
 
         # 2. advantages over the global batch (every process computes the same numbers)
-        scores = context.gather(out.score.float())
+        # the global batch's rewards on the CPU: a few numbers per sample, and the group bookkeeping
+        # (group ids, pairs, Pareto fronts) is CPU tensors
+        scores = context.gather(out.score.float()).cpu()
         dims = {
-            name: context.gather(out.dims[name].float())
+            name: context.gather(out.dims[name].float()).cpu()
             for name in context.reward_weights
             if name in out.dims
         }
-        advantages = self.advantages(scores, dims, global_prompts)
+        advantages = self.advantages(scores, dims, global_prompts, judged)
         if advantages.nonfinite_groups:
             self.counters["nonfinite_groups"] += advantages.nonfinite_groups
             logger.warning(

@@ -1,0 +1,1133 @@
+"""One prepared GPU run of vialign's benchmarks at real architectures with random weights (no download).
+
+    python benchmarks/gpu.py --install-wheels gpu_wheels      # once, where the image lacks diffusers & co.
+    python benchmarks/gpu.py --out OUT_DIR [--budget 420] [--device cuda] [--sections 1 2 4 5 3]
+    python benchmarks/gpu.py --device cpu --smoke --out /tmp/gpusmoke   # tiny configs: checks the script
+
+``gpu_wheels/`` (git-ignored) holds CPython 3.12 manylinux wheels of what a bare CUDA image lacks
+(diffusers, open_clip_torch, ftfy, wcwidth, pydantic and its core, requests...): fetch them with
+``pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --no-deps -d
+gpu_wheels diffusers open_clip_torch ftfy wcwidth pydantic pydantic-core annotated-types
+typing-inspection typing_extensions requests urllib3 idna charset_normalizer certifi``. The figures of
+the last run are in benchmarks/results/gpu.md.
+
+Models are built on the device from configs in code: SD 1.5's UNet2DConditionModel, CLIP ViT-L/14's
+text encoder and SD's AutoencoderKL (tokenizer: OpenAI CLIP's BPE that open_clip ships, as
+``pipelines.tiny``), and a CLIP ViT-L/14 CLIPModel for scoring. Sections (each in try/except; a
+section is skipped once ``--budget`` seconds have passed; a hard alarm stops the run at
+``--hard-limit`` and still writes what was measured):
+
+  1. sampling: vialign / stock diffusers time ratio, 512x512, 20 steps, CFG, batch 4 — runs
+     ``benchmarks/sampling.py``'s ``benchmark_family`` on this model (its clock synchronised with CUDA);
+  2. memory: gradients through the whole chain (+ VAE decode), plain vs per-step checkpointed, 256x256,
+     batch 1, N = 10 and 50: peak ``max_memory_allocated`` above the weights and time (as
+     ``benchmarks/memory.py`` calls ``rollout_prompts``);
+  3. compile: ODE rollout with the denoiser eager vs ``torch.compile``'d (``adapter.denoiser`` is what
+     ``_forward`` calls), 512x512 batch 4; compile time apart;
+  4. grpo: ``benchmarks/grpo_step.py``'s step / model-call ratio on this model saved as a diffusers folder;
+  5. scoring: ``benchmarks/scoring.py``'s ``vialign score`` vs per-image loop at CLIP ViT-L/14.
+
+Writes ``OUT/gpu.json`` and ``OUT/gpu.md`` after every section (``--out`` ending in .json: that file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.util
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import types
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WHEELS = REPO / "gpu_wheels"
+SITE_FALLBACK = WHEELS / "_site"  # wheels extracted here when pip cannot install them
+UPGRADE_IF_OLDER = {"typing_extensions"}  # installed even when present, if older than the wheel
+START = time.perf_counter()
+
+# ---------------------------------------------------------------------------------------------- configs
+# runwayml/stable-diffusion-v1-5 unet/config.json (859.5M parameters)
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    center_input_sample=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+# vae/config.json (83.7M)
+SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+# openai/clip-vit-large-patch14's text tower (123.1M), ids of the BPE that pipelines.tiny builds
+CLIP_L_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    projection_dim=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+# the full openai/clip-vit-large-patch14 CLIPModel (427.6M), for scoring
+CLIP_VIT_L_14 = {
+    "text_config": {
+        k: CLIP_L_TEXT[k]
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    },
+    "vision_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "patch_size": 14,
+        "image_size": 224,
+    },
+    "projection_dim": 768,
+}
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(16, 32, 32, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=64,
+    scaling_factor=0.18215,
+)
+TINY_TEXT = {
+    **CLIP_L_TEXT,
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "projection_dim": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
+
+# per-section sizes: real run, and --smoke
+PLAN = {
+    "full": dict(
+        sampling=dict(size=512, steps=20, batch=4, repeats=5, guidance=7.5),
+        memory=dict(size=256, batch=1, steps=(10, 50), repeats=3, guidance=4.0),
+        compile=dict(size=512, steps=20, batch=4, repeats=3, guidance=7.5, min_seconds_left=100),
+        grpo=dict(size=256, steps=10, group_size=8, prompts=8, micro_batch=32, repeats=3),
+        scoring=dict(architecture="vit-l-14", images=128, per_prompt=4, size=512, batch=32, reload_images=4),
+    ),
+    "smoke": dict(
+        sampling=dict(size=64, steps=3, batch=2, repeats=3, guidance=7.5),
+        memory=dict(size=64, batch=1, steps=(2, 4), repeats=3, guidance=4.0),
+        compile=dict(size=64, steps=3, batch=2, repeats=3, guidance=7.5, min_seconds_left=0),
+        grpo=dict(size=64, steps=3, group_size=2, prompts=2, micro_batch=4, repeats=3),
+        scoring=dict(architecture="tiny", images=8, per_prompt=4, size=64, batch=4, reload_images=2),
+    ),
+}
+SECTIONS = {"1": "sampling", "2": "memory", "3": "compile", "4": "grpo", "5": "scoring"}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - START:6.1f}s] {message}", flush=True)
+
+
+class HardLimit(BaseException):
+    """Raised by SIGALRM: the run is out of time; what was measured is still written."""
+
+
+def _version_key(version: str):
+    try:
+        from packaging.version import Version
+
+        return Version(version)
+    except Exception:  # noqa: BLE001
+        return tuple(int(p) if p.isdigit() else 0 for p in version.replace("-", ".").split("."))
+
+
+def install_wheels(folder: Path) -> int:
+    """pip-install (no index, no deps) each wheel in ``folder`` whose distribution is not installed;
+    if pip cannot, extract them into gpu_wheels/_site, which the benchmark puts on sys.path."""
+    import importlib.metadata as md
+
+    todo = []
+    for wheel in sorted(Path(folder).glob("*.whl")):
+        name, version = wheel.name.split("-")[:2]
+        try:
+            have = md.version(name)
+        except md.PackageNotFoundError:
+            have = None
+        older = (
+            have is not None
+            and name.lower() in UPGRADE_IF_OLDER
+            and _version_key(have) < _version_key(version)
+        )
+        if have is None or older:
+            todo.append(wheel)
+        print(
+            f"{name:22s} wheel {version:18s} installed {have or '-':12s} -> {'install' if wheel in todo else 'keep'}"
+        )
+    if not todo:
+        return 0
+    env = {**os.environ, "PIP_BREAK_SYSTEM_PACKAGES": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    command = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "-q", *map(str, todo)]
+    if subprocess.run(command, env=env, check=False).returncode == 0:
+        print(f"pip installed {len(todo)} wheels")
+        return 0
+    print(
+        f"pip failed; extracting {len(todo)} wheels into {SITE_FALLBACK} (put on sys.path by the benchmark)"
+    )
+    SITE_FALLBACK.mkdir(parents=True, exist_ok=True)
+    for wheel in todo:
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(SITE_FALLBACK)
+    return 0
+
+
+def prepare_imports() -> list[str]:
+    """Make vialign, rewards, pipelines, vialign_assets and open_clip's tokenizer importable from the
+    checkout, whether or not the project is installed. Returns notes of what was patched."""
+    notes = []
+    for path in (SITE_FALLBACK, REPO):
+        if path.is_dir() and str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    if importlib.util.find_spec("vialign_assets") is None:  # pyproject maps it to assets/
+        spec = importlib.util.spec_from_file_location(
+            "vialign_assets",
+            REPO / "assets" / "__init__.py",
+            submodule_search_locations=[str(REPO / "assets")],
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["vialign_assets"] = module
+        spec.loader.exec_module(module)
+        notes.append("vialign_assets registered from assets/")
+    try:
+        import open_clip  # noqa: F401
+    except ImportError as error:  # e.g. no torchvision: its tokenizer module alone needs none of that
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None or not spec.submodule_search_locations:
+            notes.append(f"open_clip missing ({error}); CLIP tokenizers will fail")
+        else:
+            for name in [m for m in sys.modules if m == "open_clip" or m.startswith("open_clip.")]:
+                del sys.modules[name]  # what the failed import left half-done
+            stub = types.ModuleType("open_clip")
+            stub.__path__ = list(spec.submodule_search_locations)
+            sys.modules["open_clip"] = stub
+            notes.append(f"open_clip import failed ({error}); using open_clip.tokenizer alone")
+    return notes
+
+
+def load_benchmark(name: str):
+    """A benchmarks/<name>.py module, imported by path (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        f"vialign_benchmark_{name}", REPO / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def patched(target, **attributes):
+    """Set attributes on a module or object for the block; restore (or delete) them after."""
+    missing = object()
+    saved = {name: getattr(target, name, missing) for name in attributes}
+    for name, value in attributes.items():
+        setattr(target, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is missing:
+                delattr(target, name)
+            else:
+                setattr(target, name, value)
+
+
+class MedianRecorder:
+    """Stands in for the ``statistics`` module of a benchmark: records what each ``median`` got."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[float]] = []
+
+    def median(self, values):
+        self.calls.append(list(values))
+        return statistics.median(self.calls[-1])
+
+    def __getattr__(self, name):
+        return getattr(statistics, name)
+
+
+def tee_print(lines: list[str]):
+    def _print(*parts, **kwargs):
+        lines.append(" ".join(str(p) for p in parts))
+        print(*parts, **kwargs, flush=True)
+
+    return _print
+
+
+def summary(values: list[float]) -> dict:
+    return {
+        "median_s": statistics.median(values),
+        "min_s": min(values),
+        "max_s": max(values),
+        "runs": len(values),
+        "times_s": [round(v, 5) for v in values],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- context
+class Context:
+    def __init__(self, args: argparse.Namespace) -> None:
+        import torch
+
+        self.args = args
+        self.torch = torch
+        self.device = torch.device(args.device)
+        self.cuda = self.device.type == "cuda"
+        self.dtype_name = args.dtype or ("bfloat16" if self.cuda else "float32")
+        self.dtype = getattr(torch, self.dtype_name)
+        self.plan = PLAN["smoke" if args.smoke else "full"]
+        self._pipe = None
+        self.tmp = Path(tempfile.mkdtemp(prefix="vialign-gpu-"))
+
+    def clock(self) -> float:
+        """time.perf_counter after the device has finished the work queued so far."""
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def free(self) -> None:
+        gc.collect()
+        if self.cuda:
+            self.torch.cuda.empty_cache()
+
+    def memory_gb(self) -> dict:
+        if not self.cuda:
+            return {}
+        torch = self.torch
+        free, total = torch.cuda.mem_get_info(self.device)
+        return {
+            "allocated_gb": round(torch.cuda.memory_allocated(self.device) / 2**30, 2),
+            "reserved_gb": round(torch.cuda.memory_reserved(self.device) / 2**30, 2),
+            "free_gb": round(free / 2**30, 2),
+            "total_gb": round(total / 2**30, 2),
+        }
+
+    def seconds_left(self) -> float:
+        return self.args.budget - (time.perf_counter() - START)
+
+    def pipe(self):
+        """The random SD 1.5-architecture StableDiffusionPipeline (built once, on the device)."""
+        if self._pipe is None:
+            self._pipe = build_sd15(self.device, self.dtype, tiny=self.args.smoke)
+        return self._pipe
+
+    def adapter(self, pipe=None):
+        import pipelines
+
+        return pipelines.StableDiffusionAdapter.from_pipeline(
+            pipe or self.pipe(), model_id="sd15-random", device=self.device, dtype=self.dtype
+        )
+
+
+def count(module) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+def build_sd15(device, dtype, tiny: bool):
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from pipelines import tiny as tiny_pipelines
+
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):  # parameters are created (and randomly initialised) on the device
+        unet = UNet2DConditionModel(**(TINY_UNET if tiny else SD15_UNET))
+        vae = AutoencoderKL(**(TINY_VAE if tiny else SD15_VAE))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**(TINY_TEXT if tiny else CLIP_L_TEXT)))
+    for module in (unet, vae, text_encoder):
+        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tiny_pipelines.clip_tokenizer(),
+        scheduler=DDIMScheduler(**tiny_pipelines.SD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    log(
+        f"built {'tiny' if tiny else 'SD 1.5'}-architecture pipeline on {device} in {dtype} "
+        f"({time.perf_counter() - start:.1f} s): unet {count(unet):.1f}M, vae {count(vae):.1f}M, "
+        f"text encoder {count(text_encoder):.1f}M parameters"
+    )
+    return pipe
+
+
+def architecture_check() -> dict:
+    """Parameter counts of the real configs, built on the meta device (no memory): checks the configs."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        counts = {
+            "unet_M": count(UNet2DConditionModel(**SD15_UNET)),
+            "vae_M": count(AutoencoderKL(**SD15_VAE)),
+            "text_encoder_M": count(CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))),
+            "clip_vit_l_14_M": count(CLIPModel(CLIPConfig(**CLIP_VIT_L_14))),
+        }
+    return {k: round(v, 2) for k, v in counts.items()}
+
+
+# ---------------------------------------------------------------------------------------------- sections
+def section_sampling(ctx: Context) -> dict:
+    """benchmarks/sampling.py's benchmark_family, on the SD 1.5-architecture pipeline on the device."""
+    plan = ctx.plan["sampling"]
+    sampling = load_benchmark("sampling")
+    pipe = ctx.pipe()
+
+    class AdapterOnDevice:  # sampling.py places its adapter on the CPU; here: the context's device/dtype
+        @staticmethod
+        def from_pipeline(pipe, *, model_id, device=None):
+            return ctx.adapter(pipe)
+
+    recorder, lines = MedianRecorder(), []
+    options = argparse.Namespace(
+        steps=plan["steps"],
+        batch=plan["batch"],
+        size=plan["size"],
+        repeats=plan["repeats"],
+        guidance=plan["guidance"],
+    )
+    prompts = [f"a photo of object number {i}" for i in range(plan["batch"])]
+    with patched(
+        sampling,
+        tiny=types.SimpleNamespace(build=lambda family: pipe),
+        pipelines=types.SimpleNamespace(ADAPTERS={type(pipe).__name__: AdapterOnDevice}),
+        time=types.SimpleNamespace(perf_counter=ctx.clock),
+        statistics=recorder,
+        print=tee_print(lines),
+    ):
+        sampling.benchmark_family("sd", prompts, options)
+    stock, ours = recorder.calls[0], recorder.calls[1]
+    max_diff = None
+    for line in lines:
+        if "max pixel difference" in line:
+            with contextlib.suppress(ValueError):
+                max_diff = float(line.rsplit("max pixel difference", 1)[1].strip(" )"))
+    return {
+        "config": {**plan, "dtype": ctx.dtype_name, "scheduler": "DDIM"},
+        "stock": summary(stock),
+        "vialign": summary(ours),
+        "ratio_vialign_over_stock": statistics.median(ours) / statistics.median(stock),
+        "ratio_of_minima": min(ours) / min(stock),
+        "max_pixel_difference": max_diff,
+        "target": "ratio <= 1.05",
+    }
+
+
+def section_memory(ctx: Context) -> dict:
+    """Gradients through all N steps and the decode: no grad / checkpointed / plain (memory.py's calls)."""
+    import torch
+
+    from vialign.sampling import Sampler, rollout_prompts
+
+    plan = ctx.plan["memory"]
+    adapter = ctx.adapter()
+    size, batch = plan["size"], plan["batch"]
+    prompts = [f"a photo of object {i}" for i in range(batch)]
+    guidance = adapter.make_guidance(plan["guidance"])
+    sampler = Sampler(sde="ddim" if adapter.kind == "diffusion" else "flow-sde")  # as memory.py
+    params = list(adapter.denoiser.parameters())
+    for param in params:
+        param.requires_grad_(True)
+
+    def run(mode: str, n: int, schedule) -> tuple[float, float, float | None]:
+        ctx.free()
+        base = torch.cuda.memory_allocated(ctx.device) if ctx.cuda else 0
+        if ctx.cuda:
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        start = ctx.clock()
+        checkpoint = mode == "checkpoint"
+        with torch.set_grad_enabled(mode != "nograd"):
+            trajectory = rollout_prompts(
+                adapter,
+                prompts,
+                range(batch),
+                schedule,
+                height=size,
+                width=size,
+                guidance=guidance,
+                sampler=sampler,
+                grad_steps=0 if mode == "nograd" else n,
+                checkpoint=checkpoint,
+            )
+            loss = adapter.decode(trajectory.final, checkpoint=checkpoint).mean()
+            if mode != "nograd":
+                loss.backward()
+        seconds = ctx.clock() - start
+        peak = (torch.cuda.max_memory_allocated(ctx.device) - base) / 2**30 if ctx.cuda else None
+        value = loss.item()
+        del trajectory, loss
+        for param in params:
+            param.grad = None
+        return seconds, value, peak
+
+    results: dict = {"config": {**plan, "dtype": ctx.dtype_name, "sampler": "ddim SDE (as memory.py)"}}
+    weights_gb = sum(p.numel() * p.element_size() for p in params) / 2**30
+    results["denoiser_weights_gb"] = weights_gb
+    results["note"] = (
+        "peak = max_memory_allocated during one run minus memory_allocated before it (all weights); "
+        f"plain/checkpoint peaks include the denoiser's full gradients ({weights_gb:.2f} GB)"
+    )
+    warm = True
+    try:
+        for n in plan["steps"]:
+            schedule = adapter.schedule(n, size, size)
+            row: dict = {}
+            for mode in ("nograd", "checkpoint", "plain"):
+                first = plan["steps"][0]
+                previous = results.get(f"N={first}", {}).get("plain", {}).get("peak_above_weights_gb")
+                if mode == "plain" and ctx.cuda and previous is not None and n != first:
+                    predicted = previous * n / first
+                    free_gb = torch.cuda.mem_get_info(ctx.device)[0] / 2**30
+                    if predicted > 0.9 * free_gb:
+                        row[mode] = {
+                            "skipped": f"predicted peak {predicted:.1f} GB > 90% of {free_gb:.1f} GB free"
+                        }
+                        log(f"memory N={n} {mode}: {row[mode]['skipped']}")
+                        continue
+                runs = plan["repeats"] + (1 if warm else 0)
+                times, losses, peaks = [], [], []
+                try:
+                    for i in range(runs):
+                        seconds, value, peak = run(mode, n, schedule)
+                        if not (warm and i == 0):
+                            times.append(seconds)
+                        losses.append(value)
+                        peaks.append(peak)
+                except torch.cuda.OutOfMemoryError as error:
+                    row[mode] = {"oom": str(error).splitlines()[0]}
+                    log(f"memory N={n} {mode}: out of memory")
+                    for param in params:
+                        param.grad = None
+                    ctx.free()
+                    continue
+                row[mode] = {
+                    **summary(times),
+                    "peak_above_weights_gb": max(peaks) if ctx.cuda else None,
+                    "loss": losses[-1],
+                }
+                log(
+                    f"memory N={n} {mode:10s}: median {row[mode]['median_s']:.3f} s"
+                    + (f", peak +{max(peaks):.2f} GB" if ctx.cuda else "")
+                )
+            warm = False
+            if "median_s" in row.get("plain", {}) and "median_s" in row.get("checkpoint", {}):
+                plain, ckpt = row["plain"], row["checkpoint"]
+                row["time_ratio_checkpoint_over_plain"] = ckpt["median_s"] / plain["median_s"]
+                row["same_loss"] = abs(plain["loss"] - ckpt["loss"]) <= 1e-3 * max(1.0, abs(plain["loss"]))
+                if ctx.cuda:
+                    row["memory_ratio_checkpoint_over_plain"] = (
+                        ckpt["peak_above_weights_gb"] / plain["peak_above_weights_gb"]
+                    )
+                    act_plain = plain["peak_above_weights_gb"] - weights_gb
+                    act_ckpt = ckpt["peak_above_weights_gb"] - weights_gb
+                    row["memory_ratio_without_grads"] = act_ckpt / act_plain if act_plain > 0 else None
+            results[f"N={n}"] = row
+    finally:
+        for param in params:
+            param.requires_grad_(False)
+            param.grad = None
+        ctx.free()
+    return results
+
+
+def section_compile(ctx: Context) -> dict:
+    """ODE rollout (rollout_prompts, as sampling.py calls it), denoiser eager vs torch.compile'd."""
+    import torch
+
+    from vialign.sampling import rollout_prompts
+
+    plan = ctx.plan["compile"]
+    if ctx.seconds_left() < plan["min_seconds_left"]:
+        return {"skipped": f"{ctx.seconds_left():.0f} s of budget left < {plan['min_seconds_left']} s needed"}
+    adapter = ctx.adapter()
+    adapter.cache_prompts = False
+    size, batch = plan["size"], plan["batch"]
+    prompts = [f"a photo of object number {i}" for i in range(batch)]
+    schedule = adapter.schedule(plan["steps"], size, size)
+    guidance = adapter.make_guidance(plan["guidance"])
+
+    def rollout_seconds() -> float:
+        start = ctx.clock()
+        with torch.no_grad():
+            trajectory = rollout_prompts(
+                adapter, prompts, range(batch), schedule, height=size, width=size, guidance=guidance
+            )
+        seconds = ctx.clock() - start
+        rollout_seconds.final = trajectory.final
+        return seconds
+
+    results: dict = {"config": {**plan, "dtype": ctx.dtype_name, "backend": ctx.args.compile_backend}}
+    eager = adapter.denoiser
+    rollout_seconds()  # warm-up
+    eager_times = [rollout_seconds() for _ in range(plan["repeats"])]
+    eager_final = rollout_seconds.final
+    results["eager"] = summary(eager_times)
+    log(f"compile: eager rollout median {results['eager']['median_s']:.3f} s")
+    import torch._dynamo
+
+    attempts = [ctx.args.compile_backend]
+    if ctx.cuda and ctx.args.compile_backend != "cudagraphs":
+        attempts.append("cudagraphs")  # needs no C compiler / Triton build, if inductor cannot run here
+    try:
+        for backend in attempts:
+            torch._dynamo.reset()
+            mode = ctx.args.compile_mode if backend == "inductor" else None
+            adapter.denoiser = torch.compile(eager, backend=backend, mode=mode)
+            try:
+                log(f"compile: first call with backend={backend} (compiles)")
+                first = rollout_seconds()
+                log(f"compile: first compiled rollout {first:.1f} s")
+                second = rollout_seconds()  # warm-up: a recompile would show here
+            except Exception as error:  # noqa: BLE001 - e.g. no C compiler for Triton: try the next backend
+                traceback.print_exc()
+                results[f"failed_{backend}"] = f"{type(error).__name__}: {str(error)[:500]}"
+                adapter.denoiser = eager
+                continue
+            compiled_times = [rollout_seconds() for _ in range(plan["repeats"])]
+            results["backend_used"] = backend
+            results["compiled"] = summary(compiled_times)
+            results["first_compiled_rollout_s"] = first
+            results["second_compiled_rollout_s"] = second
+            results["compile_time_s"] = first - results["eager"]["median_s"]
+            results["speedup_eager_over_compiled"] = (
+                results["eager"]["median_s"] / results["compiled"]["median_s"]
+            )
+            results["max_latent_difference"] = (rollout_seconds.final - eager_final).abs().max().item()
+            break
+    finally:
+        adapter.denoiser = eager
+        ctx.free()
+    return results
+
+
+def section_grpo(ctx: Context) -> dict:
+    """benchmarks/grpo_step.py's main() on the SD 1.5-architecture pipeline saved as a diffusers folder."""
+    import vialign.config
+
+    plan = ctx.plan["grpo"]
+    grpo = load_benchmark("grpo_step")
+    folder = ctx.tmp / "sd15-random"
+    if not folder.exists():
+        start = time.perf_counter()
+        ctx.pipe().save_pretrained(folder, safe_serialization=True)
+        log(f"grpo: saved the pipeline to {folder} in {time.perf_counter() - start:.1f} s")
+    original_load_config = vialign.config.load_config
+
+    def load_config(schema, path=None, overrides=(), *rest, **options):  # + this run's dtype and device
+        extra = [f"model.dtype={ctx.dtype_name}", f"model.device={ctx.args.device}"]
+        return original_load_config(schema, path, [*overrides, *extra], *rest, **options)
+
+    argv = [
+        "grpo_step.py",
+        "--model", str(folder),
+        "--reward", "brightness",  # a programmatic reward: no checkpoint needed
+        "--size", str(plan["size"]),
+        "--steps", str(plan["steps"]),
+        "--group-size", str(plan["group_size"]),
+        "--prompts", str(plan["prompts"]),
+        "--micro-batch", str(plan["micro_batch"]),
+        "--repeats", str(plan["repeats"]),
+    ]  # fmt: skip
+    recorder, lines = MedianRecorder(), []
+    threads = ctx.torch.get_num_threads()
+    try:
+        with (
+            patched(vialign.config, load_config=load_config),
+            patched(sys, argv=argv),
+            patched(
+                grpo,
+                time=types.SimpleNamespace(perf_counter=ctx.clock),
+                statistics=recorder,
+                print=tee_print(lines),
+            ),
+        ):
+            grpo.main()
+    finally:
+        ctx.torch.set_num_threads(threads)
+        ctx.free()
+    step, calls = recorder.calls[0], recorder.calls[1]
+    return {
+        "config": {**plan, "dtype": ctx.dtype_name, "reward": "brightness", "lora_rank": 8},
+        "step": summary(step),
+        "model_calls": summary(calls),
+        "ratio_step_over_calls": statistics.median(step) / statistics.median(calls),
+        "target": "ratio <= 1.25",
+        "printed": lines,
+    }
+
+
+class ModelOnDevice:
+    """A CLIPModel on the device for scoring.py's per-image loop, which passes CPU tensors."""
+
+    def __init__(self, model, device) -> None:
+        self.model, self.device = model, device
+
+    def _move(self, inputs: dict) -> dict:
+        return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
+
+    def get_image_features(self, **inputs):
+        return self.model.get_image_features(**self._move(inputs))
+
+    def get_text_features(self, **inputs):
+        return self.model.get_text_features(**self._move(inputs))
+
+    def load_state_dict(self, state, *args, **kwargs):
+        return self.model.load_state_dict(state, *args, **kwargs)
+
+
+def section_scoring(ctx: Context) -> dict:
+    """benchmarks/scoring.py's pieces at CLIP ViT-L/14 on the device: vialign score vs per-image loop."""
+    import numpy as np
+    from transformers import CLIPModel, CLIPProcessor
+
+    import rewards
+    from vialign.config import ScoreConfig
+    from vialign.score import run_score
+
+    plan = ctx.plan["scoring"]
+    scoring = load_benchmark("scoring")
+    scoring.ARCHITECTURES["vit-l-14"] = CLIP_VIT_L_14
+    root = ctx.tmp / "scoring"
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    scoring.make_model(root / "model", plan["architecture"])
+    items = scoring.make_images(root / "images", plan["images"], plan["per_prompt"], plan["size"])
+    log(f"scoring: model and {len(items)} PNGs written in {time.perf_counter() - start:.1f} s")
+    prompts_file = root / "prompts.txt"
+    prompts_file.write_text("\n".join(prompt for _, prompt in items) + "\n")
+    device = str(ctx.device)
+    options = {"pretrained": str(root / "model"), "mode": "cosine"}
+    config = ScoreConfig(
+        rewards={"clipscore": {"weight": 1.0, "options": options}},
+        images=[str(root / "images")],
+        prompts_file=str(prompts_file),
+        batch_size=plan["batch"],
+        out=str(root / "scores.jsonl"),
+        overwrite=True,
+        device=device,
+    )
+    reward = rewards.combine({"clipscore": 1.0}, options={"clipscore": {**options, "device": device}})
+    model = ModelOnDevice(CLIPModel.from_pretrained(root / "model").eval().to(ctx.device), ctx.device)
+    processor = CLIPProcessor.from_pretrained(root / "model")
+    scoring.per_image_loop(model, processor, items[:2])  # warm-up of both paths
+    run_score(config, progress=False, reward=reward)
+    start = ctx.clock()
+    reference = scoring.per_image_loop(model, processor, items)
+    loop_seconds = ctx.clock() - start
+    start = ctx.clock()
+    report = run_score(config, progress=False, reward=reward)
+    ours_seconds = ctx.clock() - start
+    reload_items = items[: plan["reload_images"]]
+    start = ctx.clock()
+    scoring.per_call_reload_loop(model, processor, root / "model" / "model.safetensors", reload_items)
+    reload_seconds = ctx.clock() - start
+    ours = [row["total"] for row in report.rows]
+    images = len(items)
+    return {
+        "config": {**plan, "dtype": "float32 (both paths)"},
+        "per_image_loop_images_per_s": images / loop_seconds,
+        "vialign_score_images_per_s": images / ours_seconds,
+        "per_call_reload_images_per_s": len(reload_items) / reload_seconds,
+        "throughput_ratio_vs_loop": loop_seconds / ours_seconds,
+        "throughput_ratio_vs_reload": (images / ours_seconds) / (len(reload_items) / reload_seconds),
+        "max_score_difference": float(np.abs(np.array(ours) - np.array(reference)).max()),
+        "loop_s": loop_seconds,
+        "vialign_s": ours_seconds,
+        "target": "throughput ratio >= 3",
+    }
+
+
+RUNNERS = {
+    "sampling": section_sampling,
+    "memory": section_memory,
+    "compile": section_compile,
+    "grpo": section_grpo,
+    "scoring": section_scoring,
+}
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _section_rows(name: str, r: dict) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = []
+    if name == "sampling":
+        c = r["config"]
+        diff = r["max_pixel_difference"]
+        rows += [
+            (
+                "stock median s",
+                _fmt(r["stock"]["median_s"]),
+                f"{c['size']}px, {c['steps']} steps, batch {c['batch']}, CFG {c['guidance']}, {c['dtype']}",
+            ),
+            (
+                "vialign median s",
+                _fmt(r["vialign"]["median_s"]),
+                f"{r['vialign']['runs']} runs each, alternating",
+            ),
+            (
+                "ratio vialign/stock",
+                _fmt(r["ratio_vialign_over_stock"]),
+                f"minima ratio {_fmt(r['ratio_of_minima'])}; target <= 1.05",
+            ),
+            ("max pixel diff", "-" if diff is None else f"{diff:.1e}", ""),
+        ]
+    elif name == "memory":
+        for key, row in r.items():
+            if not key.startswith("N="):
+                continue
+            for mode in ("nograd", "checkpoint", "plain"):
+                m = row.get(mode, {})
+                if "median_s" in m:
+                    rows.append(
+                        (
+                            f"{key} {mode}",
+                            f"{m['median_s']:.3f} s",
+                            f"peak +{_fmt(m['peak_above_weights_gb'], 2)} GB",
+                        )
+                    )
+                else:
+                    rows.append((f"{key} {mode}", "-", str(m.get("skipped") or m.get("oom") or "")[:120]))
+            if "time_ratio_checkpoint_over_plain" in row:
+                rows.append(
+                    (
+                        f"{key} ckpt/plain",
+                        f"time {row['time_ratio_checkpoint_over_plain']:.2f}",
+                        f"memory {_fmt(row.get('memory_ratio_checkpoint_over_plain'))} (without grads "
+                        f"{_fmt(row.get('memory_ratio_without_grads'))}); same loss {row.get('same_loss')}",
+                    )
+                )
+    elif name == "compile":
+        c = r["config"]
+        rows.append(
+            (
+                "eager rollout median s",
+                _fmt(r["eager"]["median_s"]),
+                f"{c['size']}px, {c['steps']} steps, batch {c['batch']}",
+            )
+        )
+        if "compiled" in r:
+            rows += [
+                (
+                    "compiled rollout median s",
+                    _fmt(r["compiled"]["median_s"]),
+                    f"backend {r['backend_used']}",
+                ),
+                (
+                    "speedup eager/compiled",
+                    _fmt(r["speedup_eager_over_compiled"]),
+                    f"max latent diff {r['max_latent_difference']:.1e}",
+                ),
+                (
+                    "compile time s",
+                    _fmt(r["compile_time_s"], 1),
+                    f"first compiled rollout {r['first_compiled_rollout_s']:.1f} s minus eager median",
+                ),
+            ]
+        for key in r:
+            if key.startswith("failed_"):
+                rows.append((key, "-", str(r[key])[:150].replace("|", "/").replace("\n", " ")))
+    elif name == "grpo":
+        c = r["config"]
+        rows += [
+            (
+                "GRPO step median s",
+                _fmt(r["step"]["median_s"]),
+                f"{c['prompts']}x{c['group_size']} samples, {c['steps']} steps, {c['size']}px",
+            ),
+            ("model calls median s", _fmt(r["model_calls"]["median_s"]), ""),
+            ("ratio step/calls", _fmt(r["ratio_step_over_calls"]), "target <= 1.25"),
+        ]
+    elif name == "scoring":
+        c = r["config"]
+        rows += [
+            (
+                "per-image loop img/s",
+                _fmt(r["per_image_loop_images_per_s"], 1),
+                f"CLIP {c['architecture']}, {c['images']} PNGs {c['size']}px",
+            ),
+            ("vialign score img/s", _fmt(r["vialign_score_images_per_s"], 1), f"batch {c['batch']}"),
+            (
+                "ratio vs loop",
+                _fmt(r["throughput_ratio_vs_loop"], 2),
+                f"vs per-call reload {_fmt(r['throughput_ratio_vs_reload'], 1)}; max score diff {r['max_score_difference']:.1e}",
+            ),
+        ]
+    return rows
+
+
+def markdown(report: dict) -> str:
+    env = report.get("environment", {})
+    lines = [
+        f"### vialign GPU benchmarks ({env.get('device_name', env.get('device'))}, torch {env.get('torch')}, "
+        f"{env.get('dtype')}{', SMOKE' if env.get('smoke') else ''})",
+        "",
+        "| # | section | measure | value | notes | section s |",
+        "|---|---|---|---|---|---|",
+    ]
+    number = {v: k for k, v in SECTIONS.items()}
+    for name, section in report["sections"].items():
+        n = number.get(name, "?")
+        seconds = f"{section['seconds']:.0f}" if "seconds" in section else "-"
+        if section.get("status") != "ok":
+            reason = (
+                str(section.get("reason") or section.get("error", ""))[:200]
+                .replace("|", "/")
+                .replace("\n", " ")
+            )
+            lines.append(f"| {n} | {name} | {section.get('status')} | - | {reason} | {seconds} |")
+            continue
+        try:
+            rows = _section_rows(name, section["result"])
+        except Exception as error:  # noqa: BLE001 - the table must not lose the run
+            rows = [("(table error)", "-", f"{type(error).__name__}: {error}; see the JSON")]
+        for i, (measure, value, notes) in enumerate(rows):
+            first = i == 0
+            lines.append(
+                f"| {n if first else ''} | {name if first else ''} | {measure} | {value} | {notes} | {seconds if first else ''} |"
+            )
+    return "\n".join(lines)
+
+
+def write(report: dict, out: Path | None) -> None:
+    if out is None:
+        return
+    if out.suffix == ".json":
+        json_file, md_file = out, out.with_suffix(".md")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        json_file, md_file = out / "gpu.json", out / "gpu.md"
+    json_file.parent.mkdir(parents=True, exist_ok=True)
+    json_file.write_text(json.dumps(report, indent=2, default=str))
+    md_file.write_text(markdown(report) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder for gpu.json and gpu.md (or a .json file)"
+    )
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="default: bfloat16 on CUDA, float32 on CPU",
+    )
+    parser.add_argument(
+        "--budget", type=float, default=420.0, help="seconds; later sections are skipped after it"
+    )
+    parser.add_argument(
+        "--hard-limit",
+        type=float,
+        default=None,
+        help="seconds; stop (and write) at once (default budget + 120)",
+    )
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["1", "2", "4", "5", "3"],
+        help="order to run; 1 sampling, 2 memory, 3 compile, 4 grpo, 5 scoring (compile last: the longest)",
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny configs and few steps (checks the script)")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument(
+        "--compile-mode", default=None, help="torch.compile mode for inductor (default: its default)"
+    )
+    parser.add_argument(
+        "--install-wheels", type=Path, default=None, help="install missing wheels of this folder and exit"
+    )
+    args = parser.parse_args()
+    if args.install_wheels is not None:
+        raise SystemExit(install_wheels(args.install_wheels))
+    sections = [SECTIONS.get(s, s) for s in args.sections]
+    unknown = [s for s in sections if s not in RUNNERS]
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {SECTIONS}")
+
+    hard_limit = args.hard_limit if args.hard_limit is not None else args.budget + 120
+
+    def on_alarm(signum, frame):
+        raise HardLimit(f"hard limit of {hard_limit:.0f} s reached")
+
+    if hasattr(signal, "SIGALRM"):
+        signal.signal(signal.SIGALRM, on_alarm)
+        signal.alarm(max(1, int(hard_limit)))
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    notes = prepare_imports()
+    for note in notes:
+        log(note)
+    import diffusers
+    import torch
+    import transformers
+
+    for name in ("pipelines", "vialign", "rewards", "vialign.sampling", "vialign.trainer", "vialign.score"):
+        try:
+            __import__(name)  # import errors show here, before any section (which then fails alone)
+        except Exception:  # noqa: BLE001
+            log(f"importing {name} failed:")
+            traceback.print_exc()
+    ctx = Context(args)
+    environment = {
+        "device": str(ctx.device),
+        "dtype": ctx.dtype_name,
+        "smoke": args.smoke,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "import_notes": notes,
+        "budget_s": args.budget,
+        "hard_limit_s": hard_limit,
+    }
+    if ctx.cuda:
+        props = torch.cuda.get_device_properties(ctx.device)
+        environment.update(device_name=props.name, device_memory_gb=round(props.total_memory / 2**30, 1))
+    report: dict = {"environment": environment, "sections": {}}
+    log(f"environment: {json.dumps(environment)}")
+    try:
+        environment["parameters_M"] = architecture_check()
+        log(f"real-architecture parameter counts (meta device): {environment['parameters_M']}")
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+    stop_reason = None
+    for name in sections:
+        elapsed = time.perf_counter() - START
+        if stop_reason is None and elapsed > args.budget:
+            stop_reason = f"time budget of {args.budget:.0f} s used up ({elapsed:.0f} s)"
+        if stop_reason is not None:
+            report["sections"][name] = {"status": "skipped", "reason": stop_reason}
+            log(f"section {name}: skipped ({stop_reason})")
+            write(report, args.out)
+            continue
+        log(f"section {name}: start ({ctx.seconds_left():.0f} s of budget left) {ctx.memory_gb()}")
+        start = time.perf_counter()
+        try:
+            result = RUNNERS[name](ctx)
+            status = "skipped" if "skipped" in result and len(result) == 1 else "ok"
+            report["sections"][name] = {
+                "status": status,
+                "seconds": time.perf_counter() - start,
+                "result": result,
+            }
+            if status == "skipped":
+                report["sections"][name]["reason"] = result["skipped"]
+        except HardLimit as error:
+            traceback.print_exc()
+            stop_reason = str(error)
+            report["sections"][name] = {
+                "status": "stopped",
+                "seconds": time.perf_counter() - start,
+                "error": stop_reason,
+            }
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # noqa: BLE001 - one section's failure (even SystemExit) must not end the run
+            traceback.print_exc()
+            report["sections"][name] = {
+                "status": "failed",
+                "seconds": time.perf_counter() - start,
+                "error": f"{type(error).__name__}: {str(error)[:1000]}",
+            }
+        finally:
+            with contextlib.suppress(BaseException):
+                ctx.free()
+        log(
+            f"section {name}: {report['sections'][name]['status']} in {time.perf_counter() - start:.1f} s {ctx.memory_gb()}"
+        )
+        if report["sections"][name]["status"] == "ok":
+            print(json.dumps(report["sections"][name]["result"], default=str)[:3000], flush=True)
+        write(report, args.out)
+    if hasattr(signal, "SIGALRM"):
+        signal.alarm(0)
+    import shutil
+
+    shutil.rmtree(ctx.tmp, ignore_errors=True)  # the saved pipeline and CLIP model (a few GB)
+    report["total_seconds"] = time.perf_counter() - START
+    write(report, args.out)
+    print()
+    print(markdown(report))
+    log(f"done in {report['total_seconds']:.1f} s" + (f"; results in {args.out}" if args.out else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -53,17 +53,19 @@ METHODS = {
     "adjoint_matching": ("configs/quickstart_adjoint.yaml", "Adjoint Matching", []),
     "dpo": ("configs/quickstart_dpo.yaml", "DPO (offline pairs)", []),
     "online_dpo": ("configs/quickstart_online_dpo.yaml", "online DPO", []),
-    "raft": ("configs/quickstart_raft.yaml", "RAFT, reference samples", []),
-    "raft_online": (
+    "raft": ("configs/quickstart_raft.yaml", "RAFT", []),
+    "rwr": ("configs/quickstart_rwr.yaml", "RWR", []),
+    # the variants the RAFT / RWR defaults were chosen against: the sampler's final latents fitted with the
+    # CFG-guided prediction (no prompt dropout), reference samples, lr 5e-5
+    "raft_guided_final": (
         "configs/quickstart_raft.yaml",
-        "RAFT, policy samples",
-        ["raft.rollout_model=policy", "optim.lr=2e-5"],
+        "RAFT, final latents, guided loss",
+        ["raft.targets=final", "raft.loss_guidance=sampling", "data.prompt_dropout=0.0"],
     ),
-    "rwr": ("configs/quickstart_rwr.yaml", "RWR, reference samples", []),
-    "rwr_online": (
+    "rwr_guided_final": (
         "configs/quickstart_rwr.yaml",
-        "RWR, policy samples",
-        ["rwr.rollout_model=policy", "optim.lr=2e-5"],
+        "RWR, final latents, guided loss",
+        ["rwr.targets=final", "rwr.loss_guidance=sampling", "data.prompt_dropout=0.0"],
     ),
     # the multi-reward study: the learned reward plus a distractor (brightness x 50: its spread inside a
     # group is ~2.5x the learned reward's), summed or Pareto-selected (Parrot); the oracle still judges

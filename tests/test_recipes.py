@@ -254,7 +254,9 @@ def test_shared_group_noise_starts_every_member_from_the_leaders_noise(
     assert not torch.equal(shared.latents[1, 1:], shared.latents[0, 1:])  # members' SDE noise is their own
     # on the second process of two, global samples 4..7 get the same start as on one process
     second = context.rollout(prompts[4:], 1, 4, sampler, shared_noise_group=4)
-    assert torch.equal(second.latents, shared.latents[4:])
+    assert torch.equal(second.latents[:, 0], shared.latents[4:, 0])  # the same starting noise, exactly
+    # the steps after it: batches of 4 and 8 may use different CPU kernels (AVX-512 hosts), so last bits differ
+    torch.testing.assert_close(second.latents, shared.latents[4:], rtol=0, atol=1e-5)
 
 
 def sd3_time_shift(shift: float, t: torch.Tensor) -> torch.Tensor:

@@ -411,11 +411,15 @@ def test_sigkill_at_a_random_moment_then_resume_ends_bitwise_equal(tmp_path, tin
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "vialign", "train", str(tmp_path / "config.yaml"), *overrides]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = tmp_path / "run" / "checkpoints" / "checkpoint-1"
+    first, second = (tmp_path / "run" / "checkpoints" / f"checkpoint-{k}" for k in (1, 2))
     deadline = time.monotonic() + 240
     while not first.is_dir() and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(random.Random(16).uniform(0.0, 1.0))
+    # a seeded-random moment after checkpoint 1, at the latest when checkpoint 2 appears: on a fast host
+    # a fixed delay would outlast the run's 3 steps
+    kill_at = time.monotonic() + random.Random(16).uniform(0.0, 1.0)
+    while time.monotonic() < kill_at and not second.is_dir():
+        time.sleep(0.002)
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL  # killed, not finished
     resumed = Trainer(train_config(overrides), resume=True, progress=False)

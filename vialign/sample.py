@@ -1,8 +1,10 @@
 """``vialign sample``: generate images with a rollout, write PNGs and a ``samples.jsonl`` index.
 
 Image ``i`` is drawn from ``torch.Generator("cpu").manual_seed(seed + i)`` (its initial noise and, with
-an SDE, its step noise), so it does not depend on the batch size, and with ``--sampler ode`` it is the
-image the stock diffusers pipeline gives for the same prompt, steps, guidance, size and generator.
+an SDE, its step noise), so it does not depend on the batch size beyond the last bits of floating point
+(kernels may round differently at another batch size), and with ``--sampler ode`` it is the image the
+stock diffusers pipeline gives for the same prompt, steps, guidance, size and generator. ``--resume``
+makes whole batches again, so a resumed folder is byte-identical to one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -153,6 +155,17 @@ def generate_images(
             yield indices, adapter.decode(trajectory.final)
 
 
+def batches_to_remake(done: dict[int, dict] | set[int], count: int, batch_size: int) -> list[int]:
+    """The image indices of every batch (``batch_size`` consecutive images from 0) that lacks an image
+    in ``done``, in order: batch by batch, so they are made in the batches an uninterrupted run used."""
+    todo: list[int] = []
+    for start in range(0, count, batch_size):
+        batch = range(start, min(start + batch_size, count))
+        if any(i not in done for i in batch):
+            todo.extend(batch)
+    return todo
+
+
 @dataclass
 class SampleReport:
     out: Path
@@ -214,6 +227,14 @@ def load_steering_reward(config: SampleConfig, device: torch.device):
     return reward
 
 
+def images_per_batch(config: SampleConfig) -> int:
+    """Images made per batch: ``batch_size``, or with best-of-N / SMC as many prompts as fit their
+    particles in a batch."""
+    if config.steer.method in ("best-of-n", "smc"):
+        return max(1, config.batch_size // config.steer.particles)
+    return config.batch_size
+
+
 def steer_batches(
     adapter: GeneratorAdapter,
     reward,
@@ -228,9 +249,7 @@ def steer_batches(
     from vialign import steering
 
     steer = config.steer
-    per_chunk = config.batch_size
-    if steer.method in ("best-of-n", "smc"):
-        per_chunk = max(1, config.batch_size // steer.particles)
+    per_chunk = images_per_batch(config)
     for start in range(0, len(prompts), per_chunk):
         indices = list(range(start, min(start + per_chunk, len(prompts))))
         chunk_prompts, chunk_seeds = [prompts[i] for i in indices], [seeds[i] for i in indices]
@@ -345,7 +364,11 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
         logger.info("--resume: %d of %d images are complete in %s", len(done), len(prompts), out)
     elif config.resume:
         logger.info("--resume: %s has no %s yet; making all %d images", out, INDEX_FILE, len(prompts))
-    todo = [i for i in range(len(prompts)) if i not in done]
+    per_batch = images_per_batch(config)
+    # Whole batches of the interrupted run are made again, not just their missing images: CPU and GPU
+    # kernels may round differently at another batch size, and a resumed folder should be the bytes
+    # one uninterrupted run writes on the same machine.
+    todo = batches_to_remake(done, len(prompts), per_batch)
     if config.steer.method is not None:
         from vialign.steering import SamplingSetup
 
@@ -401,6 +424,8 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
         for batch, pixels, steered, seconds in batches:
             indices = [todo[j] for j in batch]
             for row, (i, image) in enumerate(zip(indices, to_uint8(pixels))):
+                if i in done:  # remade only because its batch had a missing image; the file is kept
+                    continue
                 path = out / f"{i:05d}.png"
                 index.kept = kept()
                 save_png(image, path, kept=kept())  # the PNG first: the index never names a missing file
@@ -414,7 +439,7 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
                     )
                 index.write([record])
                 files.append(path)
-            bar.update(len(indices))
+            bar.update(sum(i not in done for i in indices))
     if done:  # resumed: rows in image order, as one uninterrupted run writes them
         rows = sorted(read_jsonl_rows(index_path), key=lambda row: row["index"])
         write_atomically(index_path, "".join(json.dumps(row) + "\n" for row in rows))

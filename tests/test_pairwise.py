@@ -206,22 +206,22 @@ def test_pairwise_winrate_refuses_what_it_cannot_combine_with():
     from vialign.config import TrainConfig, load_config
     from vialign.errors import ConfigError
 
-    for other in ("grpo.reward_mode=per_reward", "grpo.per_prompt_stats=true"):
+    for other in ("grpo.reward_mode=per_reward", "grpo.reward_mode=pareto", "grpo.per_prompt_stats=true"):
         with pytest.raises(ConfigError, match="pairwise-winrate makes one win rate per sample"):
             load_config(TrainConfig, None, ["algorithm=grpo", "grpo.comparison=pairwise-winrate", other])
 
 
 def test_grpo_pareto_trains_only_the_non_dominated_samples(tmp_path, tiny_dir, prompt_file, quiet_libraries):
-    """Parrot in GRPO: the weighted sum's group advantages, zero for every sample another sample of the
-    batch beats on both rewards (checked against a brute-force filter of the logged per-reward scores)."""
-    from vialign.advantages import group_advantages
+    """Parrot in GRPO: each reward's group advantages summed without the weights, zero for every sample
+    another sample of the batch beats on both rewards (checked against a brute-force filter of the logged
+    per-reward scores and z-scores computed by hand)."""
 
     trainer, metrics = grpo_step(
         tmp_path,
         tiny_dir,
         prompt_file,
         "brightness",
-        "rewards={brightness: {weight: 1.0}, saturation: {weight: 1.0}}",
+        "rewards={brightness: {weight: 1.0}, saturation: {weight: 30.0}}",
         "grpo.reward_mode=pareto",
     )
     algorithm = trainer.algorithm
@@ -238,9 +238,15 @@ def test_grpo_pareto_trains_only_the_non_dominated_samples(tmp_path, tiny_dir, p
     dominated = [
         any(all(o >= s for o, s in zip(other, row)) and other != row for other in table) for row in table
     ]
-    plain = group_advantages(algorithm.last_scores, torch.arange(6) // 3).values
-    expected = torch.where(torch.tensor(dominated), torch.zeros(6), plain)
-    assert torch.equal(algorithm.last_advantages, expected)
+
+    def z_scores(scores):  # within each group of 3, population std (GRPO's), clipped at 5
+        groups = scores.view(2, 3)
+        z = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, unbiased=False, keepdim=True) + 1e-4)
+        return z.clamp(-5, 5).flatten()
+
+    unweighted = z_scores(captured["brightness"]) + z_scores(captured["saturation"])  # the weight 30 unused
+    expected = torch.where(torch.tensor(dominated), torch.zeros(6), unweighted)
+    torch.testing.assert_close(algorithm.last_advantages, expected, rtol=0, atol=1e-5)
     assert 0 < sum(dominated) < 6, table  # the selection removed some samples, not all
 
 

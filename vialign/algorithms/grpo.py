@@ -64,7 +64,9 @@ class GRPOSettings(StrictModel):
     reward_mode: Literal["sum", "per_reward", "pareto"] = Field(
         "sum",
         description="advantages of the weighted reward sum; per-reward advantages summed; or pareto (Parrot): "
-        "the sum's advantages, trained only on the samples no other sample of the batch dominates on every reward",
+        "only the samples no other sample of the batch dominates on every reward train, each with the sum of "
+        "its per-reward group advantages, unweighted (the selection needs no weights, and a weighted sum "
+        "would let one reward's scale decide again)",
     )
     comparison: Literal["pointwise", "pairwise-winrate"] = Field(
         "pointwise",
@@ -128,11 +130,11 @@ class GRPOSettings(StrictModel):
                 "per_prompt_stats=true (DDPO: advantages against each prompt's reward history)"
             )
         if self.comparison == "pairwise-winrate" and (
-            self.per_prompt_stats or self.reward_mode == "per_reward"
+            self.per_prompt_stats or self.reward_mode in ("per_reward", "pareto")
         ):
             raise ValueError(
                 "comparison=pairwise-winrate makes one win rate per sample from the reward sum: it does not "
-                "combine with per_prompt_stats or reward_mode=per_reward"
+                "combine with per_prompt_stats or reward_mode=per_reward / pareto"
             )
         if (self.judge is not None or self.judge_options) and self.comparison != "pairwise-winrate":
             raise ValueError(
@@ -303,24 +305,28 @@ class GRPO(Algorithm):
         )
         if settings.reward_mode == "per_reward":
             return per_reward_advantages(dims, self.context.reward_weights, group_ids, **options)
+        if settings.reward_mode == "pareto":
+            self.require_every_reward(dims)
+            unweighted = dict.fromkeys(self.context.reward_weights, 1.0)
+            return self.pareto_selected(per_reward_advantages(dims, unweighted, group_ids, **options), dims)
         if judged is not None:
             scores = judged
         elif settings.comparison == "pairwise-winrate":
             scores = self.win_rates(scores, group_ids)
-        advantages = group_advantages(scores, group_ids, **options)
-        if settings.reward_mode == "pareto":
-            advantages = self.pareto_selected(advantages, dims)
-        return advantages
+        return group_advantages(scores, group_ids, **options)
 
-    def pareto_selected(self, advantages: Advantages, dims: dict[str, torch.Tensor]) -> Advantages:
-        """Parrot's batch-wise selection (Lee et al. 2024, Sec. 4.2): only the non-dominated samples of
-        the global batch train; a sample with a non-finite reward neither trains nor dominates."""
+    def require_every_reward(self, dims: dict[str, torch.Tensor]) -> None:
         names = list(self.context.reward_weights)
         if len(names) < 2 or any(name not in dims for name in names):
             raise VialignInputError(
                 f"grpo.reward_mode=pareto needs two or more rewards, each scored on its own; got {names}: add "
                 "a reward, or use reward_mode=sum"
             )
+
+    def pareto_selected(self, advantages: Advantages, dims: dict[str, torch.Tensor]) -> Advantages:
+        """Parrot's batch-wise selection (Lee et al. 2024, Sec. 4.2): only the non-dominated samples of
+        the global batch train; a sample with a non-finite reward neither trains nor dominates."""
+        names = list(self.context.reward_weights)
         table = torch.stack([dims[name] for name in names], dim=1)
         finite = torch.isfinite(table).all(1)
         front = torch.zeros_like(finite)

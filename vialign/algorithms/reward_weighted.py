@@ -130,13 +130,6 @@ class _RewardWeightedRegression(Algorithm):
             final = context.rollout(local_prompts, step, lo, Sampler(), model_batch_size=micro).final
             pixels = torch.cat([adapter.decode(final[i : i + micro]) for i in range(0, len(final), micro)])
             local_scores = context.reward(pixels, local_prompts).score.float()
-            if settings.targets == "reencoded":
-                final = torch.cat(
-                    [
-                        adapter.encode(pixels[i : i + micro], sample=False)
-                        for i in range(0, len(pixels), micro)
-                    ]
-                )
         scores = context.gather(local_scores).cpu()
         nonfinite = int((~torch.isfinite(scores)).sum())
         if nonfinite == len(scores):
@@ -153,6 +146,16 @@ class _RewardWeightedRegression(Algorithm):
         weights, normaliser = self.weights(scores)
         local_weights = weights[lo:hi]
         trained = torch.nonzero(local_weights > 0).flatten().tolist()
+        if settings.targets == "reencoded" and trained:  # only the samples the loss will see
+            with torch.no_grad():
+                encoded = torch.cat(
+                    [
+                        adapter.encode(pixels[trained[i : i + micro]], sample=False)
+                        for i in range(0, len(trained), micro)
+                    ]
+                )
+            final = final.clone()
+            final[trained] = encoded.to(final.dtype)
 
         # 3. the weighted denoising loss on the samples' own latents
         generator = torch.Generator().manual_seed(context.sample_seed(step, REGRESSION_DRAWS))

@@ -220,3 +220,40 @@ def test_refl_regularizer_is_the_denoising_loss_on_captioned_images(tmp_path, qu
     assert losses.mean() < 0.5 * zero_prediction, (losses, zero_prediction)
     with pytest.raises(VialignInputError, match="refl.regularizer_data: nope.jsonl not found"):
         Trainer(_config(tmp_path / "missing", "refl", "refl.regularizer_data=nope.jsonl"), progress=False)
+
+
+def test_refl_regularizer_on_a_guidance_distilled_flux_equals_the_conditional_loss_by_hand(tmp_path):
+    """FLUX.1-dev takes its guidance as an input: the regulariser passes the run's guidance embedding
+    (no CFG) and its loss equals the flow-matching loss computed from the same draws by hand."""
+    from PIL import Image
+
+    from pipelines.adapter import Guidance
+
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / f"{i}.png")
+    rows = [{"file": "0.png", "prompt": "a red square"}, {"file": "1.png", "prompt": "a blue square"}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = _config(
+        tmp_path,
+        "refl",
+        "model.path=tiny-flux",
+        "model.device=cpu",
+        "sampler.height=32",
+        "sampler.width=32",
+        "sampler.guidance_scale=3.5",
+        f"refl.regularizer_data={tmp_path / 'pairs.jsonl'}",
+    )
+    algorithm = Trainer(config, progress=False).algorithm
+    adapter, (latents, prompts) = algorithm.context.adapter, algorithm.regularizer
+    with torch.no_grad():
+        loss = algorithm.regularizer_loss(3, 4)
+        generator = torch.Generator().manual_seed(algorithm.context.seed * 7_919 + 3)  # the step's draws
+        index = torch.randint(len(prompts), (4,), generator=generator)
+        x0 = latents[index]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.rand(4, generator=generator) * adapter.scheduler.config.num_train_timesteps
+        sigma = (t / adapter.scheduler.config.num_train_timesteps).view(-1, 1, 1, 1)
+        embeds = adapter.encode_prompt([prompts[i] for i in index])
+        velocity = adapter.predict((1 - sigma) * x0 + sigma * noise, t, embeds, Guidance(embedded=3.5))
+        by_hand = (velocity - (noise - x0)).square().mean()
+    torch.testing.assert_close(loss, by_hand, rtol=1e-5, atol=1e-6)

@@ -157,8 +157,10 @@ class ReFL(Algorithm):
             t = torch.randint(total, (count,), generator=generator).float()
         alpha, sigma = adapter.coefficients(t.to(adapter.device))
         alpha, sigma = alpha.view(-1, 1, 1, 1).float(), sigma.view(-1, 1, 1, 1).float()
+        # the conditional prediction; a guidance-distilled FLUX still takes its guidance embedding
+        guidance = Guidance(embedded=self.context.guidance.embedded)
         output = adapter.predict(
-            alpha * x0 + sigma * noise, t, adapter.encode_prompt([prompts[i] for i in index])
+            alpha * x0 + sigma * noise, t, adapter.encode_prompt([prompts[i] for i in index]), guidance
         )
         return denoising_loss(output, adapter.prediction_type, x0, noise, alpha, sigma)
 

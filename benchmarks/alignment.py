@@ -79,8 +79,18 @@ METHODS = {
         "GRPO, shapeworld-clip and brightness (Parrot's Pareto selection)",
         ["rewards={shapeworld-clip: {weight: 1.0}, brightness: {weight: 50.0}}", "grpo.reward_mode=pareto"],
     ),
+    "grpo_pareto_min_distractor": (
+        "configs/quickstart_grpo.yaml",
+        "GRPO, shapeworld-clip and brightness (Pareto selection, worst per-reward advantage)",
+        [
+            "rewards={shapeworld-clip: {weight: 1.0}, brightness: {weight: 50.0}}",
+            "grpo.reward_mode=pareto",
+            "grpo.pareto_advantages=min",
+        ],
+    ),
 }
-DISTRACTOR_STUDY = {"grpo_sum_distractor", "grpo_pareto_distractor"}  # may train on brightness too
+# may train on brightness too
+DISTRACTOR_STUDY = {"grpo_sum_distractor", "grpo_pareto_distractor", "grpo_pareto_min_distractor"}
 FIXED_DATA = {"dpo"}  # methods that stop at their preset's max_steps (epochs over a fixed dataset)
 # the protocol, the same for every method whatever its preset says
 PROTOCOL = [

@@ -211,7 +211,10 @@ def test_pairwise_winrate_refuses_what_it_cannot_combine_with():
             load_config(TrainConfig, None, ["algorithm=grpo", "grpo.comparison=pairwise-winrate", other])
 
 
-def test_grpo_pareto_trains_only_the_non_dominated_samples(tmp_path, tiny_dir, prompt_file, quiet_libraries):
+@pytest.mark.parametrize("combine", ["sum", "min"])
+def test_grpo_pareto_trains_only_the_non_dominated_samples(
+    tmp_path, tiny_dir, prompt_file, quiet_libraries, combine
+):
     """Parrot in GRPO: each reward's group advantages summed without the weights, zero for every sample
     another sample of the batch beats on both rewards (checked against a brute-force filter of the logged
     per-reward scores and z-scores computed by hand)."""
@@ -223,6 +226,7 @@ def test_grpo_pareto_trains_only_the_non_dominated_samples(tmp_path, tiny_dir, p
         "brightness",
         "rewards={brightness: {weight: 1.0}, saturation: {weight: 30.0}}",
         "grpo.reward_mode=pareto",
+        f"grpo.pareto_advantages={combine}",
     )
     algorithm = trainer.algorithm
     captured = {}
@@ -244,10 +248,19 @@ def test_grpo_pareto_trains_only_the_non_dominated_samples(tmp_path, tiny_dir, p
         z = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, unbiased=False, keepdim=True) + 1e-4)
         return z.clamp(-5, 5).flatten()
 
-    unweighted = z_scores(captured["brightness"]) + z_scores(captured["saturation"])  # the weight 30 unused
+    parts = z_scores(captured["brightness"]), z_scores(captured["saturation"])  # the weight 30 unused
+    unweighted = parts[0] + parts[1] if combine == "sum" else torch.minimum(*parts)
     expected = torch.where(torch.tensor(dominated), torch.zeros(6), unweighted)
     torch.testing.assert_close(algorithm.last_advantages, expected, rtol=0, atol=1e-5)
     assert 0 < sum(dominated) < 6, table  # the selection removed some samples, not all
+
+
+def test_pareto_advantages_without_pareto_is_an_error():
+    from vialign.config import TrainConfig, load_config
+    from vialign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pareto_advantages=min sets how reward_mode=pareto"):
+        load_config(TrainConfig, None, ["algorithm=grpo", "grpo.pareto_advantages=min"])
 
 
 def test_grpo_pareto_with_one_reward_is_an_error(tmp_path, tiny_dir, prompt_file, quiet_libraries):

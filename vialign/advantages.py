@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -86,13 +87,17 @@ def per_reward_advantages(
     scores: Mapping[str, torch.Tensor],
     weights: Mapping[str, float],
     group_ids: torch.Tensor,
+    combine: Literal["sum", "min"] = "sum",
     **options,
 ) -> Advantages:
     """Each reward normalised within its groups on its own, then ``sum_j w_j A_j`` (so a reward with a
-    large scale cannot drown the others). A sample is kept when every reward keeps it."""
+    large scale cannot drown the others), or with ``combine="min"`` the worst of the ``w_j A_j``: a sample
+    scores above its group only when it does so on every reward. A sample is kept when every reward
+    keeps it."""
     parts = {name: group_advantages(scores[name], group_ids, **options) for name in weights}
     keep = torch.stack([p.keep for p in parts.values()]).all(0)
-    values = sum(weights[name] * part.values for name, part in parts.items())
+    weighted = [weights[name] * part.values for name, part in parts.items()]
+    values = torch.stack(weighted).amin(0) if combine == "min" else sum(weighted)
     values = torch.where(keep, values, torch.zeros_like(values))
     first = next(iter(parts.values()))
     return Advantages(

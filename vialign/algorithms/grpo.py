@@ -68,6 +68,12 @@ class GRPOSettings(StrictModel):
         "its per-reward group advantages, unweighted (the selection needs no weights, and a weighted sum "
         "would let one reward's scale decide again)",
     )
+    pareto_advantages: Literal["sum", "min"] = Field(
+        "sum",
+        description="reward_mode=pareto: a selected sample's advantage is the sum of its per-reward group "
+        "advantages (unweighted), or min: the worst of them, so a sample that gains one reward by losing "
+        "another is pushed down (vialign's conservative variant, not in the Parrot paper)",
+    )
     comparison: Literal["pointwise", "pairwise-winrate"] = Field(
         "pointwise",
         description="pointwise: each sample's reward; pairwise-winrate (Pref-GRPO): each sample's win rate "
@@ -135,6 +141,11 @@ class GRPOSettings(StrictModel):
             raise ValueError(
                 "comparison=pairwise-winrate makes one win rate per sample from the reward sum: it does not "
                 "combine with per_prompt_stats or reward_mode=per_reward / pareto"
+            )
+        if self.pareto_advantages != "sum" and self.reward_mode != "pareto":
+            raise ValueError(
+                f"pareto_advantages={self.pareto_advantages} sets how reward_mode=pareto scores the samples it "
+                f"selects; this run has reward_mode={self.reward_mode}: set reward_mode=pareto, or drop it"
             )
         if (self.judge is not None or self.judge_options) and self.comparison != "pairwise-winrate":
             raise ValueError(
@@ -308,7 +319,10 @@ class GRPO(Algorithm):
         if settings.reward_mode == "pareto":
             self.require_every_reward(dims)
             unweighted = dict.fromkeys(self.context.reward_weights, 1.0)
-            return self.pareto_selected(per_reward_advantages(dims, unweighted, group_ids, **options), dims)
+            advantages = per_reward_advantages(
+                dims, unweighted, group_ids, combine=settings.pareto_advantages, **options
+            )
+            return self.pareto_selected(advantages, dims)
         if judged is not None:
             scores = judged
         elif settings.comparison == "pairwise-winrate":

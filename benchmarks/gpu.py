@@ -599,7 +599,10 @@ def section_memory(ctx: Context) -> dict:
 
 
 def section_compile(ctx: Context) -> dict:
-    """ODE rollout (rollout_prompts, as sampling.py calls it), denoiser eager vs torch.compile'd."""
+    """ODE rollout (rollout_prompts, as sampling.py calls it), denoiser eager vs compiled through the
+    product's path (``adapter.compile_for_inference``, what ``model.compile: true`` does). The latent
+    difference is put next to two yardsticks: one denoiser call compiled vs eager, and the same eager
+    rollout in float32 vs this dtype (how far rounding alone carries a chain of this length)."""
     import torch
 
     from vialign.sampling import rollout_prompts
@@ -624,13 +627,29 @@ def section_compile(ctx: Context) -> dict:
         rollout_seconds.final = trajectory.final
         return seconds
 
+    def one_call() -> torch.Tensor:
+        generators = [torch.Generator().manual_seed(0)]
+        x = adapter.initial_latents(generators, 1, size, size, schedule)
+        with torch.no_grad():
+            cond, uncond = adapter.encode_prompt(prompts[:1]), adapter.encode_prompt([""])
+            return adapter.predict(x, schedule.timesteps[0], cond, guidance, uncond).float()
+
     results: dict = {"config": {**plan, "dtype": ctx.dtype_name, "backend": ctx.args.compile_backend}}
-    eager = adapter.denoiser
     rollout_seconds()  # warm-up
     eager_times = [rollout_seconds() for _ in range(plan["repeats"])]
     eager_final = rollout_seconds.final
+    eager_call = one_call()
     results["eager"] = summary(eager_times)
     log(f"compile: eager rollout median {results['eager']['median_s']:.3f} s")
+    if adapter.dtype != torch.float32:
+        dtype = adapter.dtype
+        adapter.to(dtype=torch.float32)
+        rollout_seconds()
+        results["eager_float32_vs_this_dtype_max_latent_difference"] = (
+            (rollout_seconds.final - eager_final).abs().max().item()
+        )
+        adapter.to(dtype=dtype)
+        ctx.free()
     import torch._dynamo
 
     attempts = [ctx.args.compile_backend]
@@ -639,8 +658,10 @@ def section_compile(ctx: Context) -> dict:
     try:
         for backend in attempts:
             torch._dynamo.reset()
-            mode = ctx.args.compile_mode if backend == "inductor" else None
-            adapter.denoiser = torch.compile(eager, backend=backend, mode=mode)
+            options = {"backend": backend}
+            if backend == "inductor":
+                options["mode"] = ctx.args.compile_mode
+            adapter.compile_for_inference(**options)
             try:
                 log(f"compile: first call with backend={backend} (compiles)")
                 first = rollout_seconds()
@@ -649,7 +670,7 @@ def section_compile(ctx: Context) -> dict:
             except Exception as error:  # noqa: BLE001 - e.g. no C compiler for Triton: try the next backend
                 traceback.print_exc()
                 results[f"failed_{backend}"] = f"{type(error).__name__}: {str(error)[:500]}"
-                adapter.denoiser = eager
+                adapter.compile_options = None
                 continue
             compiled_times = [rollout_seconds() for _ in range(plan["repeats"])]
             results["backend_used"] = backend
@@ -661,9 +682,11 @@ def section_compile(ctx: Context) -> dict:
                 results["eager"]["median_s"] / results["compiled"]["median_s"]
             )
             results["max_latent_difference"] = (rollout_seconds.final - eager_final).abs().max().item()
+            results["one_call_max_difference"] = (one_call() - eager_call).abs().max().item()
+            results["one_call_max_abs"] = eager_call.abs().max().item()
             break
     finally:
-        adapter.denoiser = eager
+        adapter.compile_options = None
         ctx.free()
     return results
 
@@ -880,6 +903,14 @@ def _section_rows(name: str, r: dict) -> list[tuple[str, str, str]]:
                 f"{c['size']}px, {c['steps']} steps, batch {c['batch']}",
             )
         )
+        if "eager_float32_vs_this_dtype_max_latent_difference" in r:
+            rows.append(
+                (
+                    "eager float32 vs this dtype",
+                    f"{r['eager_float32_vs_this_dtype_max_latent_difference']:.1e}",
+                    "max final-latent difference: the rounding yardstick for the compiled one",
+                )
+            )
         if "compiled" in r:
             rows += [
                 (
@@ -896,6 +927,11 @@ def _section_rows(name: str, r: dict) -> list[tuple[str, str, str]]:
                     "compile time s",
                     _fmt(r["compile_time_s"], 1),
                     f"first compiled rollout {r['first_compiled_rollout_s']:.1f} s minus eager median",
+                ),
+                (
+                    "one call compiled vs eager",
+                    f"{r['one_call_max_difference']:.1e}",
+                    f"max abs difference of one guided prediction (its max |value| {r['one_call_max_abs']:.1f})",
                 ),
             ]
         for key in r:

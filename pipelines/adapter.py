@@ -97,8 +97,15 @@ class GeneratorAdapter:
     text_components: ClassVar[tuple[str, ...]]  # text encoder component names
     default_guidance_scale: ClassVar[float]  # the stock pipeline's default guidance_scale
     default_lora_targets: ClassVar[tuple[str, ...]]
+    # the denoiser's repeated blocks, by attribute name (a module list or one module): the units a trainer
+    # shards one by one (FSDP), see :meth:`denoiser_blocks`
+    denoiser_block_names: ClassVar[tuple[str, ...]] = ()
     size_multiple_extra: ClassVar[int] = 1  # patch size / packing factor on top of the VAE factor
     default_num_steps: int = 20  # a model folder's vialign.json may set its own
+    # components load_pipeline(text_encoders=False) left unloaded, and its from_pretrained options: an
+    # export (save_pipeline) reads them again from the source
+    omitted_components: tuple[str, ...] = ()
+    source_options: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -125,6 +132,8 @@ class GeneratorAdapter:
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.prompt_cache = PromptCache(model_id)
         self.cache_prompts = True
+        self.compile_options: dict[str, Any] | None = None  # set by compile_for_inference
+        self._compiled: dict[int, tuple[nn.Module, nn.Module]] = {}  # id(module) -> (module, compiled)
         for module in self.modules().values():
             module.eval()
             module.requires_grad_(False)
@@ -149,6 +158,19 @@ class GeneratorAdapter:
     def unwrapped_denoiser(self) -> nn.Module:
         """The denoiser itself, also while a trainer has put a wrapper (DDP) in ``denoiser``."""
         return self.components[self.denoiser_name]
+
+    def denoiser_blocks(self) -> list[nn.Module]:
+        """The denoiser's blocks in forward order (UNet down, mid and up blocks; a transformer's blocks):
+        the modules a sharded trainer gathers one at a time (``vialign.sharding``). A name the model lacks
+        (an attribute that is None) is skipped."""
+        blocks: list[nn.Module] = []
+        for name in self.denoiser_block_names:
+            value = getattr(self.unwrapped_denoiser, name, None)
+            if isinstance(value, (nn.ModuleList, nn.Sequential)):
+                blocks.extend(value)
+            elif isinstance(value, nn.Module):
+                blocks.append(value)
+        return blocks
 
     @property
     def dtype(self) -> torch.dtype:
@@ -198,13 +220,39 @@ class GeneratorAdapter:
         return "xformers"
 
     # ------------------------------------------------------------------ prompts
+    @property
+    def has_text_encoders(self) -> bool:
+        """False for a model loaded without its text encoders (``load_pipeline(text_encoders=False)``):
+        its prompts come from precomputed embeddings (:meth:`load_prompt_embeds`) only."""
+        return any(name in self.components for name in self.text_components)
+
+    def prompt_encoding(self) -> dict[str, Any]:
+        """What decides a prompt's embedding besides the model: recorded in a file of precomputed
+        embeddings, which a model whose encoding differs refuses to load."""
+        length = self.max_sequence_length or getattr(self, "default_max_sequence_length", None)
+        return {
+            "family": self.family,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "max_sequence_length": length,
+            "clip_skip": self.clip_skip,
+        }
+
     def encode_prompt(self, prompts: Sequence[str]) -> PromptEmbeds:
-        """Encode ``prompts`` (cached per prompt in memory unless ``cache_prompts`` is False)."""
+        """Encode ``prompts`` (cached per prompt in memory unless ``cache_prompts`` is False); without text
+        encoders, the prompts' rows of the loaded prompt-embedding files."""
         prompts = _check_prompts(prompts)
-        if not self.cache_prompts:
+        if not self.cache_prompts and self.has_text_encoders:
             with torch.no_grad():
                 return self._encode_prompts(prompts)
         missing = list(dict.fromkeys(p for p in prompts if p not in self.prompt_cache))
+        if missing and not self.has_text_encoders:
+            files = ", ".join(self.prompt_cache.files) or "none loaded"
+            raise PipelineInputError(
+                f"{len(missing)} prompt(s) have no precomputed embedding, e.g. {missing[0]!r}, and this "
+                f"{self.family} model was loaded without its text encoders (prompt-embedding files: {files}): "
+                "add them to the file (vialign precompute-embeds, or precompute_prompt_embeds on the model "
+                "loaded with its text encoders)"
+            )
         with torch.no_grad():
             # One prompt per encoder call: a batched matmul's last bits depend on the batch's size and
             # company, so batching would make a prompt's row depend on which step first needed it, and a
@@ -218,18 +266,53 @@ class GeneratorAdapter:
         return self.encode_prompt([negative_prompt or ""] * batch_size)
 
     def precompute_prompt_embeds(
-        self, prompts: Sequence[str], path: str | os.PathLike, batch_size: int = 32
+        self, prompts: Sequence[str], path: str | os.PathLike, batch_size: int = 32, shard_size: int = 1024
     ) -> int:
-        """Encode ``prompts`` in batches and write them to a safetensors file for training runs."""
+        """Encode ``prompts`` and write them for training runs, with :meth:`prompt_encoding` in the metadata.
+        Each prompt is encoded alone, as :meth:`encode_prompt` always does, so a row is bitwise the
+        embedding a run would compute.
+
+        ``path`` ending in ``.safetensors``: one file of ``prompts`` (those not cached yet are encoded; all
+        rows pass through memory). Any other ``path`` is a folder of files of ``shard_size`` prompts each
+        (``prompts-00000.safetensors``, ...), written one at a time, so memory holds one file's rows: the
+        prompts a folder already holds are kept and not encoded again, the others go to new files.
+        Returns how many of ``prompts`` the file or folder holds."""
         unique = list(dict.fromkeys(_check_prompts(prompts)))
-        for start in range(0, len(unique), batch_size):
-            self.encode_prompt(unique[start : start + batch_size])
-        self.prompt_cache.save(path, unique)
+        if os.fspath(path).endswith(".safetensors"):
+            for start in range(0, len(unique), batch_size):
+                self.encode_prompt(unique[start : start + batch_size])
+            self.prompt_cache.save(path, unique, self.prompt_encoding())
+            return len(unique)
+        from pipelines.embeds import SHARD_PATTERN
+
+        os.makedirs(path, exist_ok=True)
+        held = PromptCache(self.model_id)
+        if any(name.endswith(".safetensors") for name in os.listdir(path)):
+            held.load(path, encoding=self.prompt_encoding())  # same model and encoding, or an error
+        todo = [p for p in unique if p not in held]
+        number = len([name for name in os.listdir(path) if name.endswith(".safetensors")])
+        for start in range(0, len(todo), shard_size):
+            shard = PromptCache(self.model_id)
+            for prompt in todo[start : start + shard_size]:
+                if prompt in self.prompt_cache:
+                    shard.put([prompt], self.prompt_cache.get([prompt]))
+                else:
+                    shard.put([prompt], self._encode_uncached(prompt))
+            while os.path.exists(os.path.join(path, SHARD_PATTERN.format(number))):
+                number += 1
+            shard.save(os.path.join(path, SHARD_PATTERN.format(number)), encoding=self.prompt_encoding())
         return len(unique)
 
+    def _encode_uncached(self, prompt: str) -> PromptEmbeds:
+        if not self.has_text_encoders:
+            self.encode_prompt([prompt])  # the error naming the missing prompt
+        with torch.no_grad():
+            return self._encode_prompts([prompt])
+
     def load_prompt_embeds(self, path: str | os.PathLike) -> int:
-        """Fill the prompt cache from a file written by :meth:`precompute_prompt_embeds`."""
-        return self.prompt_cache.load(path)
+        """Make the prompts of a file written by :meth:`precompute_prompt_embeds` available to
+        :meth:`encode_prompt` (read from the file when used); returns how many it holds."""
+        return self.prompt_cache.load(path, encoding=self.prompt_encoding())
 
     def _encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         raise NotImplementedError
@@ -383,6 +466,27 @@ class GeneratorAdapter:
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def compile_for_inference(self, **options: Any) -> None:
+        """Run the denoiser ``torch.compile``d (``options``: its keyword arguments, e.g. ``mode``) wherever
+        no gradient is taken: rollouts, sampling, evaluation. Calls under autograd stay eager, so training
+        losses, gradient checkpointing and LoRA updates see the module itself; a compiled module reads the
+        current weights on every call, so updated or swapped-in weights need no recompiling."""
+        self.compile_options = dict(options)
+        self._compiled.clear()
+
+    def call_denoiser(self, *args: Any, **kwargs: Any) -> Any:
+        """``self.denoiser(*args, **kwargs)``, through its compiled twin when :meth:`compile_for_inference`
+        was asked for and no gradient is being taken. ``denoiser`` may be swapped (a reference model, a
+        wrapper); each module gets its own compiled twin, made on first use."""
+        module = self.denoiser
+        if self.compile_options is None or torch.is_grad_enabled():
+            return module(*args, **kwargs)
+        entry = self._compiled.get(id(module))
+        if entry is None or entry[0] is not module:
+            entry = (module, torch.compile(module, **self.compile_options))
+            self._compiled[id(module)] = entry
+        return entry[1](*args, **kwargs)
+
     def coefficients(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha_t, sigma_t) at training ``timesteps`` (schedule units, one per sample), for training
         losses at a given t: ``x_t = alpha_t x0 + sigma_t eps``. Flow: sigma = t / T; diffusion: the
@@ -535,6 +639,11 @@ class GeneratorAdapter:
             raise PipelineInputError(f"{directory} already exists; choose a new folder")
         parameters = inspect.signature(self.pipeline_class.__init__).parameters
         components = {name: self.components.get(name) for name in parameters if name != "self"}
+        if self.omitted_components:  # loaded without its text encoders: read them for the export only
+            from pipelines.loading import load_components
+
+            options = dict(self.source_options or {}, dtype=self.dtype)
+            components.update(load_components(self.model_id, self.omitted_components, **options))
         components = {
             n: c for n, c in components.items() if c is not None or parameters[n].default is inspect._empty
         }

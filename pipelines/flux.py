@@ -52,6 +52,7 @@ class FluxAdapter(GeneratorAdapter):
     text_components = ("text_encoder", "text_encoder_2")
     default_guidance_scale = 3.5
     default_lora_targets = FLUX_LORA_TARGETS
+    denoiser_block_names = ("transformer_blocks", "single_transformer_blocks")
     default_max_sequence_length = 512
     size_multiple_extra = 2  # 2x2 packing
 
@@ -103,7 +104,7 @@ class FluxAdapter(GeneratorAdapter):
                     "this FLUX transformer takes a guidance embedding: pass adapter.make_guidance(guidance_scale)"
                 )
             embedded = torch.full((batch,), guidance.embedded, device=x.device, dtype=torch.float32)
-        out = self.denoiser(
+        out = self.call_denoiser(
             hidden_states=pack_latents(x),
             timestep=t.to(x.dtype) / 1000,  # the transformer takes sigma; diffusers' timesteps are 1000 sigma
             guidance=embedded,

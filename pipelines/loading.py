@@ -107,6 +107,45 @@ def read_model_index(path_or_id: str) -> dict[str, Any]:
         ) from error
 
 
+def text_component_names(cls: type[GeneratorAdapter]) -> list[str]:
+    """The text encoders of an adapter class and their tokenizers, as pipeline component names."""
+    names = []
+    for encoder in cls.text_components:
+        names += [encoder, encoder.replace("text_encoder", "tokenizer")]
+    return names
+
+
+def load_components(
+    path_or_id: str,
+    names: list[str] | tuple[str, ...],
+    *,
+    dtype: str | torch.dtype = "float32",
+    revision: str | None = None,
+    variant: str | None = None,
+) -> dict[str, Any]:
+    """Only the named components of a model (e.g. the text encoders and tokenizers a model was loaded
+    without), on the CPU: every other component is skipped by ``from_pretrained``."""
+    names = list(names)
+    if path_or_id.startswith(BUILTIN_PREFIX) and not os.path.exists(path_or_id):
+        from pipelines import tiny
+
+        components = tiny.build(path_or_id[len(BUILTIN_PREFIX) :]).components
+        return {name: components.get(name) for name in names}
+    if path_or_id in SHIPPED:
+        path_or_id = shipped_model_path(path_or_id)
+    index = read_model_index(path_or_id)
+    cls = adapter_class(str(index.get("_class_name")))
+    skipped = {key: None for key in index if not key.startswith("_") and key not in names}
+    options = {key: value for key, value in (("revision", revision), ("variant", variant)) if value}
+    try:
+        pipe = cls.pipeline_class.from_pretrained(
+            path_or_id, dtype=resolve_dtype(dtype), **skipped, **options
+        )
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"could not load {', '.join(names)} of {path_or_id!r}: {error}") from error
+    return {name: getattr(pipe, name, None) for name in names}
+
+
 def adapter_class(class_name: str) -> type[GeneratorAdapter]:
     if class_name not in ADAPTERS:
         raise PipelineInputError(
@@ -127,6 +166,7 @@ def load_pipeline(
     clip_skip: int | None = None,
     revision: str | None = None,
     variant: str | None = None,
+    text_encoders: bool = True,
 ) -> GeneratorAdapter:
     """Load a generator adapter.
 
@@ -141,6 +181,9 @@ def load_pipeline(
         max_sequence_length: T5 tokens for SD3 (default 256) and FLUX (default 512).
         clip_skip: use an earlier CLIP layer (SD, SDXL, SD3), as the stock pipelines' ``clip_skip``.
         revision, variant: passed to ``from_pretrained`` (e.g. ``variant="fp16"``).
+        text_encoders: ``False`` loads neither the text encoders nor the tokenizers (they are never read
+            from disk), for a model whose prompts all come from precomputed embeddings
+            (``adapter.load_prompt_embeds``); ``encode_prompt`` of any other prompt is then an error.
     """
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
@@ -167,6 +210,9 @@ def load_pipeline(
             )
         pipe = tiny.build(family)
         cls = adapter_class(type(pipe).__name__)
+        present = {name for name, component in pipe.components.items() if component is not None}
+        omitted = [n for n in text_component_names(cls) if n in present] if not text_encoders else []
+        pipe.register_modules(**dict.fromkeys(omitted))
     else:
         index = read_model_index(path_or_id)
         cls = adapter_class(str(index.get("_class_name")))
@@ -180,6 +226,11 @@ def load_pipeline(
         saved_without_t5 = index.get("text_encoder_3") in (None, [None, None])  # e.g. the ShapeWorld testbed
         if cls is StableDiffusion3Adapter and (not use_t5 or saved_without_t5):
             load_kwargs.update(text_encoder_3=None, tokenizer_3=None)
+        omitted = []
+        if not text_encoders:
+            saved = [n for n in text_component_names(cls) if index.get(n) not in (None, [None, None])]
+            omitted = [n for n in saved if n not in load_kwargs]  # what would have been loaded
+            load_kwargs.update(dict.fromkeys(saved))
         try:
             pipe = cls.pipeline_class.from_pretrained(path_or_id, **load_kwargs)
         except (OSError, ValueError) as error:
@@ -187,6 +238,12 @@ def load_pipeline(
                 f"could not load the {index.get('_class_name')} at {path_or_id!r}: {error}"
             ) from error
     adapter = cls.from_pipeline(pipe, model_id=model_id, **options)
+    if omitted:
+        # what an export (save_pipeline) reads again, and what the embeddings were computed with
+        adapter.omitted_components = tuple(omitted)
+        adapter.source_options = {"revision": revision, "variant": variant}
+        if cls is StableDiffusion3Adapter:
+            adapter.uses_t5 = "text_encoder_3" in omitted
     if "guidance_scale" in defaults:
         adapter.default_guidance_scale = float(defaults["guidance_scale"])
     adapter.default_num_steps = int(defaults.get("num_steps", adapter.default_num_steps))

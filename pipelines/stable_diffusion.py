@@ -27,6 +27,7 @@ class StableDiffusionAdapter(GeneratorAdapter):
     text_components = ("text_encoder",)
     default_guidance_scale = 7.5
     default_lora_targets = UNET_LORA_TARGETS
+    denoiser_block_names = ("down_blocks", "mid_block", "up_blocks")
 
     def __init__(self, components: dict[str, Any], **options: Any) -> None:
         if components["unet"].config.get("time_cond_proj_dim") is not None:
@@ -48,4 +49,4 @@ class StableDiffusionAdapter(GeneratorAdapter):
     def _forward(
         self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, guidance: Guidance
     ) -> torch.Tensor:
-        return self.denoiser(x, t, encoder_hidden_states=embeds.hidden_states, return_dict=False)[0]
+        return self.call_denoiser(x, t, encoder_hidden_states=embeds.hidden_states, return_dict=False)[0]

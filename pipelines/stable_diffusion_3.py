@@ -46,7 +46,13 @@ class StableDiffusion3Adapter(GeneratorAdapter):
     text_components = ("text_encoder", "text_encoder_2", "text_encoder_3")
     default_guidance_scale = 7.0
     default_lora_targets = MMDIT_LORA_TARGETS
+    denoiser_block_names = ("transformer_blocks",)
     default_max_sequence_length = 256
+    uses_t5: bool | None = None  # set by load_pipeline(text_encoders=False); else: T5 is loaded or not
+
+    def prompt_encoding(self) -> dict[str, Any]:
+        t5 = self.uses_t5 if self.uses_t5 is not None else "text_encoder_3" in self.components
+        return {**super().prompt_encoding(), "t5": t5}
 
     @property
     def size_multiple_extra(self) -> int:  # type: ignore[override]
@@ -99,7 +105,7 @@ class StableDiffusion3Adapter(GeneratorAdapter):
     def _forward(
         self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, guidance: Guidance
     ) -> torch.Tensor:
-        return self.denoiser(
+        return self.call_denoiser(
             hidden_states=x,
             timestep=t,
             encoder_hidden_states=embeds.hidden_states,

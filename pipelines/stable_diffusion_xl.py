@@ -24,6 +24,7 @@ class StableDiffusionXLAdapter(GeneratorAdapter):
     text_components = ("text_encoder", "text_encoder_2")
     default_guidance_scale = 5.0
     default_lora_targets = UNET_LORA_TARGETS
+    denoiser_block_names = ("down_blocks", "mid_block", "up_blocks")
 
     def _encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         hidden, pooled = [], None
@@ -59,6 +60,6 @@ class StableDiffusionXLAdapter(GeneratorAdapter):
             [[height, width, 0, 0, height, width]], device=x.device, dtype=embeds.hidden_states.dtype
         )
         added = {"text_embeds": embeds.pooled, "time_ids": time_ids.expand(x.shape[0], -1)}
-        return self.denoiser(
+        return self.call_denoiser(
             x, t, encoder_hidden_states=embeds.hidden_states, added_cond_kwargs=added, return_dict=False
         )[0]

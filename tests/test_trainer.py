@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import accelerate_launch
 from safetensors.torch import load_file
 
 import rewards
@@ -393,22 +394,7 @@ def test_two_processes_equal_one(tmp_path, tiny_dir, prompt_file):
         text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29533",
-    ]
+    launch = accelerate_launch()
     result = subprocess.run(
         [*launch, str(script), model, prompt_file, str(out_two), *algorithms],
         env=env,

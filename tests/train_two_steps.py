@@ -4,6 +4,12 @@ two training steps of each algorithm named on the command line, on a tiny SD3 wi
 OUT/<algorithm>/result.safetensors.
 
     python tests/train_two_steps.py MODEL_DIR PROMPTS.txt OUT grpo grpo_recipe draft refl adjoint_matching dpo online_dpo raft rwr
+
+An argument ``key=value`` is a config override for every case (tests/test_fsdp.py: ``finetune.method=full
+finetune.sharding=fsdp``). ``--save``: after the two steps, also evaluate two prompts
+(OUT/<case>/evaluation.json), write checkpoint 2 and export (OUT/<case>/checkpoints, OUT/<case>/final),
+then resume a new trainer from that checkpoint and write its weights, EMA and optimizer state to
+OUT/<case>/resumed.safetensors. Sharded weights are gathered whole.
 """
 
 import json
@@ -14,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from vialign.config import TrainConfig, load_config
+from vialign.sharding import full_tensor
 from vialign.trainer import Trainer
 
 COMMON = [
@@ -115,9 +122,27 @@ def regularizer_images(folder: Path) -> str:
 ALGORITHM = {"grpo_recipe": "grpo"}  # a case name -> the algorithm it runs
 
 
+def whole(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The trained weights and the EMA, by checkpoint name (every process calls it: sharded ones are
+    gathered)."""
+    names = trainer._trainable_names()
+    tensors = {f"weights.{n}": full_tensor(p).detach().clone() for n, p in zip(names, trainer.trainable)}
+    if trainer.ema is not None:
+        tensors.update({f"ema.{n}": full_tensor(e).clone() for n, e in zip(names, trainer.ema)})
+    return tensors
+
+
+def local_fraction(params: list[torch.Tensor]) -> float:
+    """The fraction of the trainable weights this process holds (1 unsharded, 1/N sharded over N)."""
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+    return local / sum(p.numel() for p in params)
+
+
 def main() -> None:
     model, prompt_file, out = sys.argv[1:4]
-    for case in sys.argv[4:]:
+    overrides = [arg for arg in sys.argv[4:] if "=" in arg]
+    save = "--save" in sys.argv[4:]
+    for case in [arg for arg in sys.argv[4:] if "=" not in arg and arg != "--save"]:
         algorithm = ALGORITHM.get(case, case)
         folder = Path(out) / case
         images = Path(out).parent / "images"
@@ -136,12 +161,12 @@ def main() -> None:
                 *COMMON,
                 *SETTINGS[case],
                 *extra,
+                *overrides,
             ],
         )
         trainer = Trainer(config, progress=False)
-        names = trainer._trainable_names()
+        initial = {k: v for k, v in whole(trainer).items() if k.startswith("weights.")}
         if trainer.is_main:
-            initial = {f"weights.{n}": p.detach().clone() for n, p in zip(names, trainer.trainable)}
             save_file(initial, str(folder / "initial.safetensors"))
         extra_tensors = {}
         for step in (1, 2):
@@ -149,13 +174,32 @@ def main() -> None:
             if algorithm == "grpo":
                 extra_tensors[f"advantages.{step}"] = trainer.algorithm.last_advantages.clone()
                 extra_tensors[f"scores.{step}"] = trainer.algorithm.last_scores.clone()
+        trained = whole(trainer)
         if trainer.is_main:
-            weights = {f"weights.{n}": p.detach().clone() for n, p in zip(names, trainer.trainable)}
-            ema = {f"ema.{n}": e.clone() for n, e in zip(names, trainer.ema)}
-            save_file({**weights, **ema, **extra_tensors}, str(folder / "result.safetensors"))
-            state = {"world_size": trainer.world_size, "algorithm": trainer.algorithm.state_dict()}
+            save_file({**trained, **extra_tensors}, str(folder / "result.safetensors"))
+            state = {
+                "world_size": trainer.world_size,
+                "algorithm": trainer.algorithm.state_dict(),
+                "local_weight_fraction": local_fraction(trainer.trainable),
+            }
             (folder / "state.json").write_text(json.dumps(state))
         trainer.accelerator.wait_for_everyone()
+        if save:
+            trainer.eval_prompts = trainer.train_prompts[:2]
+            evaluation = trainer.evaluate(2)
+            if trainer.is_main:
+                (folder / "evaluation.json").write_text(json.dumps(evaluation))
+            trainer.save_checkpoint(2)
+            trainer.export()
+            resumed = Trainer(config, resume=True, progress=False)
+            tensors = whole(resumed)
+            for index, param in enumerate(resumed.trainable):
+                for key, value in resumed.optimizer.state[param].items():
+                    if torch.is_tensor(value):
+                        tensors[f"optimizer.{index}.{key}"] = full_tensor(value).detach().clone().cpu()
+            if resumed.is_main:
+                save_file(tensors, str(folder / "resumed.safetensors"))
+            resumed.accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,22 @@ PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TENSORS = "tensors.safetensors"
 
 
-def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """An optimizer's state as (tensors by name, JSON-able rest): safetensors cannot hold nested dicts."""
+def optimizer_to_flat(
+    optimizer: torch.optim.Optimizer,
+    gather: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer's state as (tensors by name, JSON-able rest): safetensors cannot hold nested dicts.
+    ``gather``: applied to every state tensor in order (a sharded run's whole tensor on the main process,
+    ``vialign.sharding.gather_to_main``); a tensor it maps to None is left out."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
+                if gather is not None:
+                    value = gather(value)
+                    if value is None:
+                        continue
                 tensors[f"optimizer.{index}.{key}"] = value.detach().contiguous().cpu()
             else:
                 scalars[f"{index}.{key}"] = value

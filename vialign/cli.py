@@ -3,6 +3,7 @@
     vialign sample --prompt "a red square" --out samples/          # built-in tiny model, CPU, seconds
     vialign sample --config configs/sample_tiny.yaml sampler.num_steps=20
     vialign score --images samples/ --reward pickscore --reward aesthetic=0.1 --out scores.csv
+    vialign precompute-embeds --config train.yaml --out prompts.safetensors  # then model.prompt_embeds=...
 
 Flags and ``key=value`` overrides both land in the job's typed config (``vialign.config``), so every
 bad value is reported the same way, naming the key. Problems with the input (config, paths, sizes,
@@ -16,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +25,9 @@ from pipelines.errors import PipelineInputError
 from rewards.errors import RewardInputError
 from vialign import __version__
 from vialign.errors import VialignInputError
+
+# problems with the input: one `vialign: error:` line, exit status 2
+INPUT_ERRORS = (VialignInputError, PipelineInputError, RewardInputError, FileNotFoundError)
 
 # flag dest -> (config key, flag as typed): flags are shorthands for config keys
 SAMPLE_FLAGS = {
@@ -43,6 +48,7 @@ SAMPLE_FLAGS = {
     "out": ("out", "--out"),
     "dtype": ("model.dtype", "--dtype"),
     "device": ("model.device", "--device"),
+    "compile": ("model.compile", "--compile"),
     "lora": ("model.lora", "--lora"),
     "overwrite": ("overwrite", "--overwrite"),
     "resume": ("resume", "--resume"),
@@ -89,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", metavar="DIR", help="output folder (default samples)")
     sample.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
     sample.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    sample.add_argument(
+        "--compile", action="store_const", const=True, help="torch.compile the denoiser (pays on GPUs)"
+    )
     sample.add_argument("--lora", help="folder with diffusers-format LoRA weights")
     sample.add_argument(
         "--overwrite", action="store_const", const=True, help="replace an existing samples.jsonl in DIR"
@@ -147,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="frames an image reward scores in a video: uniform (default), first-middle-last, random, all",
     )
     score.add_argument("--num-frames", help="frames for --frames uniform (default 8)")
-    score.add_argument("--device", help="device of the reward models (default cpu)")
+    score.add_argument(
+        "--device",
+        help="device of the reward models: auto (default: CUDA when torch sees it, else cpu), cpu, cuda, cuda:N",
+    )
     score.add_argument(
         "--overwrite", action="store_const", const=True, help="replace an existing output file"
     )
@@ -207,7 +219,68 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("action", choices=["list", "get"], help="list the sets, or download some")
     prompts.add_argument("names", nargs="*", help="prompt sets to download (get)")
     prompts.add_argument("--url", help="get: download from this mirror instead (one name only)")
+    precompute = commands.add_parser(
+        "precompute-embeds",
+        help="encode a training run's prompts once, for model.prompt_embeds (trains without text encoders)",
+        description="Encode every prompt a training run of --config encodes (data.train, data.eval and "
+        "eval.regression_prompts when it evaluates, refl.regularizer_data captions, the empty prompt), plus "
+        "--prompt/--prompts, into --out (default the config's model.prompt_embeds): a .safetensors file, or "
+        "else a folder of them. "
+        "A run with model.prompt_embeds=PATH then never loads the text encoders. An existing PATH of the "
+        "same model is extended (its rows are kept; only new prompts are encoded).",
+    )
+    precompute.add_argument("--config", help="the training run's YAML config (keys of TrainConfig)")
+    precompute.add_argument("--model", help="model.path (default: the config's)")
+    precompute.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    precompute.add_argument(
+        "--prompts", action="append", metavar="SPEC", help="prompts in any form data.train takes (repeatable)"
+    )
+    precompute.add_argument(
+        "--out",
+        metavar="PATH",
+        help="model.prompt_embeds to write: a .safetensors file, or else a folder of files of 1024 prompts",
+    )
+    precompute.add_argument("--dtype", help="model.dtype: must be the training run's")
+    precompute.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     return parser
+
+
+PRECOMPUTE_FLAGS = {
+    "model": ("model.path", "--model"),
+    "out": ("model.prompt_embeds", "--out"),
+    "dtype": ("model.dtype", "--dtype"),
+    "device": ("model.device", "--device"),
+}
+
+
+def cmd_precompute_embeds(args: argparse.Namespace) -> int:
+    from vialign.config import TrainConfig, load_config
+    from vialign.data import load_prompts
+    from vialign.precompute import EMPTY_PROMPT, precompute_embeds, run_prompts
+
+    config = load_config(
+        TrainConfig,
+        args.config,
+        args.overrides,
+        _flag_values(args, PRECOMPUTE_FLAGS),
+        flags={key: flag for key, flag in PRECOMPUTE_FLAGS.values()},
+    )
+    out = config.model.prompt_embeds
+    if out is None:
+        raise VialignInputError("say where to write the embeddings: --out FILE (or model.prompt_embeds)")
+    prompts = run_prompts(config) if args.config else [EMPTY_PROMPT]
+    for spec in args.prompts or []:
+        prompts += load_prompts(spec, config.data.prompt_column)
+    prompts += args.prompt or []
+    if not args.config and not (args.prompts or args.prompt):
+        raise VialignInputError("nothing to precompute: pass --config (the run's) or --prompts/--prompt")
+    _quiet_libraries()
+    report = precompute_embeds(config, prompts, out)
+    print(
+        f"wrote {report.path}: {report.prompts} prompts ({report.encoded} encoded now, {report.kept} kept "
+        f"from the file); train with model.prompt_embeds={report.path}"
+    )
+    return 0
 
 
 def cmd_prompts(args: argparse.Namespace) -> int:
@@ -237,13 +310,47 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(TrainConfig, args.config, args.overrides)
     _quiet_libraries()
-    metrics = run_train(config, resume=args.resume)
+    try:
+        metrics = run_train(config, resume=args.resume)
+    except Exception as error:
+        _end_failed_process(error)  # several processes: never returns
+        raise
     shown = {
         k: round(v, 4) for k, v in metrics.items() if k in ("reward/mean", "loss") or k.startswith("eval/")
     }
     print(f"final step: {shown}")
     print(f"wrote {Path(config.output_dir) / 'final'} and {Path(config.output_dir) / 'metrics.jsonl'}")
     return 0
+
+
+def _end_failed_process(error: Exception) -> None:
+    """In a run of several processes, end this one now, so that no other waits for it in a collective;
+    return in a one-process run. The process that failed prints its error as ``main`` would (one line
+    for bad input, else the traceback), once even when several processes fail the same way; a process
+    stopped because another failed prints one line naming it."""
+    from vialign import distributed
+
+    rank = distributed.process_group_rank()
+    if rank is None:
+        return
+    debug = bool(os.environ.get("VIALIGN_DEBUG"))
+    if distributed.raised_by_collective(error) and not debug:
+        first = distributed.first_failure()
+        if first is None or first[0] != rank:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            cause = (
+                f"process {first[0]} failed (its error is printed above)"
+                if first
+                else f"another process ended or stopped answering ({reason[:200]})"
+            )
+            print(f"vialign: error: process {rank} stopped: {cause}", file=sys.stderr)
+            distributed.exit_now(1)
+    user_error = isinstance(error, INPUT_ERRORS) and not debug
+    message = f"vialign: error: {error}" if user_error else "".join(traceback.format_exception(error))
+    first = distributed.record_failure(rank, message)
+    if first is None or first[1] != message:  # another process printed the same: once is enough
+        print(message.rstrip("\n"), file=sys.stderr)
+    distributed.exit_now(2 if user_error else 1)
 
 
 EVAL_FLAGS = {
@@ -319,7 +426,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         flags={key: flag for key, flag in SAMPLE_FLAGS.values()},
     )
     _quiet_libraries()
-    report = run_sample(config, progress=True)
+    try:
+        report = run_sample(config, progress=True)
+    except Exception as error:
+        _end_failed_process(error)  # several processes: never returns
+        raise
+    if not report.main_process:  # under accelerate launch / torchrun the main process reports
+        return 0
     print(
         f"wrote {len(report.files)} images ({report.width}x{report.height}) and "
         f"{report.out / 'samples.jsonl'}"
@@ -391,7 +504,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     from vialign.score import run_score
 
     _quiet_libraries()
-    report = run_score(config, progress=True)
+    try:
+        report = run_score(config, progress=True)
+    except Exception as error:
+        _end_failed_process(error)  # several processes: never returns
+        raise
+    if not report.main_process:  # under accelerate launch / torchrun the main process reports
+        return 0
     print(report.summary())
     print(f"wrote {config.out}")
     return 0
@@ -454,9 +573,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "eval": cmd_eval,
             "train": cmd_train,
             "prompts": cmd_prompts,
+            "precompute-embeds": cmd_precompute_embeds,
         }
         return commands[args.command](args)
-    except (VialignInputError, PipelineInputError, RewardInputError, FileNotFoundError) as error:
+    except INPUT_ERRORS as error:
         if os.environ.get("VIALIGN_DEBUG"):
             raise
         print(f"vialign: error: {error}", file=sys.stderr)

@@ -74,6 +74,14 @@ class ModelConfig(StrictModel):
     )
     device: str = Field("auto", description="auto (CUDA if available), cpu, cuda or cuda:N")
     attention: Literal["auto", "sdpa", "xformers"] = Field("auto", description="attention backend")
+    compile: bool = Field(
+        False,
+        description="torch.compile the denoiser for rollouts, sampling and evaluation (calls without a "
+        "gradient; training passes stay eager): pays on GPUs after a one-off compile of ~1 min",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="model.compile: torch.compile's mode"
+    )
     lora: str | None = Field(None, description="folder of diffusers-format LoRA weights to load")
     use_t5: bool = Field(True, description="SD3: load the T5 text encoder (false: zeros in its place)")
     max_sequence_length: int | None = Field(
@@ -81,6 +89,12 @@ class ModelConfig(StrictModel):
     )
     clip_skip: int | None = Field(
         None, ge=1, le=12, description="use an earlier CLIP layer, as diffusers' clip_skip"
+    )
+    prompt_embeds: str | None = Field(
+        None,
+        description="precomputed prompt embeddings (vialign precompute-embeds): a .safetensors file or a "
+        "folder of them; every prompt's embedding is read from it and the text encoders are never "
+        "loaded; a prompt not in it is an error",
     )
     scheduler: SchedulerOverrides = Field(default_factory=SchedulerOverrides)
 
@@ -339,7 +353,9 @@ class ScoreConfig(StrictModel):
     )
     num_frames: int = Field(8, ge=1, le=1024, description="frames for frames=uniform")
     max_frames: int = Field(64, ge=1, le=4096, description="frames decoded per video at most (evenly spaced)")
-    device: str = Field("cpu", description="device of the reward models (cpu, cuda, cuda:N)")
+    device: str = Field(
+        "auto", description="device of the reward models: auto (CUDA when torch sees it), cpu, cuda, cuda:N"
+    )
     overwrite: bool = Field(False, description="replace an existing output file")
     resume: bool = Field(
         False, description="continue an interrupted run: score only the files it has not scored"
@@ -431,6 +447,15 @@ class FinetuneConfig(StrictModel):
     )
     reference_on_cpu: bool = Field(
         False, description="full fine-tuning with KL: keep the frozen reference copy on the CPU"
+    )
+    sharding: Literal["none", "fsdp"] = Field(
+        "none",
+        description="full fine-tuning over several processes: none (every process holds the whole model) or "
+        "fsdp (weights, gradients, optimizer state and EMA sharded over the processes; vialign.sharding)",
+    )
+    fsdp_mixed_precision: Literal["none", "bf16"] = Field(
+        "none",
+        description="sharding=fsdp: bf16 gathers and runs the blocks in bfloat16, reduces gradients in fp32",
     )
 
 
@@ -571,6 +596,15 @@ class TrainConfig(StrictModel):
         self.__pydantic_extra__[self.algorithm] = settings
         if algorithm.reward != "none" and not self.rewards:
             raise ValueError("rewards: at least one training reward is needed, e.g. rewards: {pickscore: {}}")
+        return self
+
+    @model_validator(mode="after")
+    def _sharding(self) -> TrainConfig:
+        from vialign.sharding import sharding_problem
+
+        problem = sharding_problem(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property

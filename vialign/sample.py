@@ -5,6 +5,12 @@ an SDE, its step noise), so it does not depend on the batch size beyond the last
 (kernels may round differently at another batch size), and with ``--sampler ode`` it is the image the
 stock diffusers pipeline gives for the same prompt, steps, guidance, size and generator. ``--resume``
 makes whole batches again, so a resumed folder is byte-identical to one uninterrupted run.
+
+Under ``accelerate launch --num_processes N`` (or ``torchrun``) each process makes every N-th batch of
+the images still to make (the batches one process makes, so the same kernels round the same way), on
+its own GPU (``cuda:LOCAL_RANK``), and writes those PNGs and their rows in ``samples.rankR.jsonl``; the
+main process writes ``samples.jsonl`` and, at the end, merges the other processes' rows into it in
+image order. The folder ends with the bytes one process writes.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from pipelines.adapter import GeneratorAdapter, Guidance
 from vialign.config import ModelConfig, SampleConfig
 from vialign.data import read_prompt_file
 from vialign.errors import ConfigError, VialignInputError
-from vialign.files import JsonlAppender, read_jsonl_rows, write_atomically
+from vialign.files import JsonlAppender, write_atomically
+from vialign.launch import Launch, launched_processes, process_device, rank_files, read_rows_and_parts
 from vialign.sampling import Sampler, rollout_prompts, sde_sampler
 
 INDEX_FILE = "samples.jsonl"
@@ -50,6 +57,12 @@ def load_model(model: ModelConfig, *, device: str | None = None, with_lora: bool
     from pipelines import load_pipeline
     from pipelines.errors import PipelineInputError
 
+    if model.prompt_embeds is not None and not os.path.exists(model.prompt_embeds):
+        raise ConfigError(
+            f"model.prompt_embeds: {model.prompt_embeds} not found; write it with `vialign precompute-embeds "
+            "--config CONFIG` (a training config) or `vialign precompute-embeds --model "
+            f"{model.path} --prompts FILE --out {model.prompt_embeds}`"
+        )
     adapter = load_pipeline(
         model.path,
         device=device or model.device,
@@ -59,11 +72,16 @@ def load_model(model: ModelConfig, *, device: str | None = None, with_lora: bool
         use_t5=model.use_t5,
         max_sequence_length=model.max_sequence_length,
         clip_skip=model.clip_skip,
+        text_encoders=model.prompt_embeds is None,  # precomputed: never loaded, their memory is saved
     )
+    if model.prompt_embeds is not None:
+        adapter.load_prompt_embeds(model.prompt_embeds)
     try:
         adapter.override_scheduler(**model.scheduler.model_dump())
     except PipelineInputError as error:
         raise ConfigError(f"model.scheduler: {error}") from None
+    if model.compile:
+        adapter.compile_for_inference(mode=model.compile_mode)
     return adapter
 
 
@@ -94,11 +112,12 @@ def png_problem(path: Path) -> str | None:
 def resumable_rows(
     index_path: Path, prompts: Sequence[str], seeds: Sequence[int], settings: dict
 ) -> dict[int, dict]:
-    """The rows of an interrupted run's index that this call would make again identically, by image
-    index. A row whose PNG is missing or damaged is dropped (made again, with a warning); a row made
-    with other settings, another prompt or seed is an error: resuming would mix two runs."""
+    """The rows of an interrupted run's index (and of its other processes' rows, not merged yet) that this
+    call would make again identically, by image index. A row whose PNG is missing or damaged is dropped
+    (made again, with a warning); a row made with other settings, another prompt or seed is an error:
+    resuming would mix two runs."""
     done: dict[int, dict] = {}
-    for row in read_jsonl_rows(index_path):
+    for row in read_rows_and_parts(index_path):
         i = row.get("index")
         if not isinstance(i, int) or not 0 <= i < len(prompts):
             raise VialignInputError(
@@ -169,9 +188,10 @@ def batches_to_remake(done: dict[int, dict] | set[int], count: int, batch_size: 
 @dataclass
 class SampleReport:
     out: Path
-    files: list[Path]
+    files: list[Path]  # every image of the run; under a launcher, those this process made (but main: all)
     height: int
     width: int
+    main_process: bool = True  # under a launcher, only the main process reports
 
 
 def check_steering(config: SampleConfig) -> None:
@@ -304,8 +324,12 @@ def steer_settings(config: SampleConfig) -> dict:
     return {"steer": steer.method, "steer_options": options}
 
 
-def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
-    """The ``vialign sample`` job: validate everything, load the model, sample, write files."""
+def run_sample(config: SampleConfig, *, progress: bool = True, launch: Launch | None = None) -> SampleReport:
+    """The ``vialign sample`` job: validate everything, load the model, sample, write files. ``launch``:
+    this process's share of the work (default: the processes a launcher started, else one)."""
+    if launch is None:
+        with launched_processes() as launch:
+            return run_sample(config, progress=progress, launch=launch)
     check_steering(config)
     prompts = list(config.prompts) + (read_prompts(config.prompts_file) if config.prompts_file else [])
     if not prompts:
@@ -318,14 +342,15 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
         raise VialignInputError(
             "pass --resume (finish the run in --out) or --overwrite (replace it), not both"
         )
-    if index_path.exists() and not (config.overwrite or config.resume):
+    earlier = index_path if index_path.exists() else next(iter(rank_files(index_path)), None)
+    if earlier is not None and not (config.overwrite or config.resume):
         raise VialignInputError(
-            f"{index_path} already exists (an earlier run); pass --resume to finish it, --overwrite to "
+            f"{earlier} already exists (an earlier run); pass --resume to finish it, --overwrite to "
             "replace it, or choose another --out"
         )
     sampler_config = config.sampler
     model = config.model
-    adapter = load_model(model)
+    adapter = load_model(model, device=process_device(model.device, launch))
     default_height, default_width = adapter.default_size
     height, width = config.height or default_height, config.width or default_width
     adapter.check_size(height, width)
@@ -359,16 +384,19 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
     if config.steer.method is not None:
         settings.update(steer_settings(config))
     done: dict[int, dict] = {}
-    if config.resume and index_path.exists():
+    if launch.is_main and config.resume and earlier is not None:
         done = resumable_rows(index_path, prompts, seeds, settings)
         logger.info("--resume: %d of %d images are complete in %s", len(done), len(prompts), out)
-    elif config.resume:
+    elif launch.is_main and config.resume:
         logger.info("--resume: %s has no %s yet; making all %d images", out, INDEX_FILE, len(prompts))
+    done = launch.from_main(done)  # every process has passed the checks above before anything is written
     per_batch = images_per_batch(config)
     # Whole batches of the interrupted run are made again, not just their missing images: CPU and GPU
     # kernels may round differently at another batch size, and a resumed folder should be the bytes
-    # one uninterrupted run writes on the same machine.
+    # one uninterrupted run writes on the same machine. Under a launcher each process makes whole
+    # batches of that list, for the same reason.
     todo = batches_to_remake(done, len(prompts), per_batch)
+    todo = launch.share([todo[start : start + per_batch] for start in range(0, len(todo), per_batch)])
     if config.steer.method is not None:
         from vialign.steering import SamplingSetup
 
@@ -404,21 +432,33 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
             )
         )
     out.mkdir(parents=True, exist_ok=True)
-    if done:  # the index again without rows whose image is made again, before anything is appended
-        rows = [done[i] for i in sorted(done)]
-        write_atomically(index_path, "".join(json.dumps(row) + "\n" for row in rows))
+    if launch.is_main:
+        if done:  # the index again without rows whose image is made again, before anything is appended
+            rows = [done[i] for i in sorted(done)]
+            write_atomically(index_path, "".join(json.dumps(row) + "\n" for row in rows))
+        for part in rank_files(index_path):  # its rows are in `done` and the index now, or are redone
+            part.unlink()
+    launch.barrier()  # the index is settled before the other processes append their rows
+    own_index = launch.own_file(index_path)
     files: list[Path] = [out / done[i]["file"] for i in sorted(done)]
 
     def kept() -> str:
         return (
-            f"the {len(files)} images before it are in {out} and indexed in {INDEX_FILE}: free some space and "
-            "finish with --resume"
+            f"the {len(files)} images before it are in {out} and indexed in {own_index.name}: free some space "
+            "and finish with --resume"
         )
 
+    total, initial = (
+        (len(prompts), len(done)) if launch.world_size == 1 else (sum(i not in done for i in todo), 0)
+    )
     with (
-        JsonlAppender(index_path, fresh=not done, kept=kept()) as index,
+        JsonlAppender(own_index, fresh=not done or not launch.is_main, kept=kept()) as index,
         tqdm(
-            total=len(prompts), initial=len(done), unit="img", desc="vialign sample", disable=not progress
+            total=total,
+            initial=initial,
+            unit="img",
+            desc=f"vialign sample{launch.name}",
+            disable=not progress or not launch.is_main,
         ) as bar,
     ):
         for batch, pixels, steered, seconds in batches:
@@ -440,8 +480,13 @@ def run_sample(config: SampleConfig, *, progress: bool = True) -> SampleReport:
                 index.write([record])
                 files.append(path)
             bar.update(sum(i not in done for i in indices))
-    if done:  # resumed: rows in image order, as one uninterrupted run writes them
-        rows = sorted(read_jsonl_rows(index_path), key=lambda row: row["index"])
-        write_atomically(index_path, "".join(json.dumps(row) + "\n" for row in rows))
-        files.sort()
-    return SampleReport(out=out, files=files, height=height, width=width)
+    launch.barrier()  # every process's rows are on disk
+    if launch.is_main and (done or launch.world_size > 1):
+        # rows in image order, as one uninterrupted process writes them; the other processes' rows
+        # are merged in (written first, then their files removed: a crash between leaves a duplicate)
+        rows = {row["index"]: row for row in read_rows_and_parts(index_path)}
+        write_atomically(index_path, "".join(json.dumps(rows[i]) + "\n" for i in sorted(rows)))
+        for part in rank_files(index_path):
+            part.unlink()
+        files = [out / rows[i]["file"] for i in sorted(rows)]
+    return SampleReport(out=out, files=files, height=height, width=width, main_process=launch.is_main)

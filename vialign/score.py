@@ -5,11 +5,17 @@ prompt, reward names and options are known), so a bad call fails in seconds. A f
 decoded is reported, marked in the output and skipped; it never stops the run. Rows are written as
 batches finish (JSONL) or at the end (CSV, atomically), one per file, with the weighted total and
 every reward and dimension.
+
+Under ``accelerate launch --num_processes N`` (or ``torchrun``) each process scores every N-th batch of
+the files still to score, on its own GPU (``cuda:LOCAL_RANK``), and appends its rows to
+``<out stem>.partial.rankR.jsonl``; the main process writes the output from all of them, in file order:
+the bytes one process writes.
 """
 
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import logging
@@ -25,6 +31,7 @@ from tqdm.auto import tqdm
 from vialign.config import ScoreConfig
 from vialign.errors import VialignInputError
 from vialign.files import JsonlAppender, read_jsonl_rows, write_atomically
+from vialign.launch import Launch, launched_processes, process_device, rank_files, read_rows_and_parts
 from vialign.media import MediaError, find_media, is_video, read_media
 from vialign.sample import INDEX_FILE
 
@@ -92,6 +99,7 @@ def resolve_prompts(files: list[Path], config: ScoreConfig, needs_prompt: bool) 
 
 def build_reward(config: ScoreConfig, has_videos: bool):
     import rewards
+    from rewards.registry import REGISTRY
 
     if not config.rewards:
         raise VialignInputError(
@@ -105,12 +113,16 @@ def build_reward(config: ScoreConfig, has_videos: bool):
     components = {}
     for name, spec in config.rewards.items():
         options = dict(spec.options)
-        if "device" not in options and config.device != "cpu":
+        # a reward whose loader takes the device loads its weights there; any other is moved there
+        loads_on_device = "device" in inspect.signature(REGISTRY[name].load).parameters
+        if "device" not in options and config.device != "cpu" and loads_on_device:
             options["device"] = config.device
         frames = {}
         if has_videos and known[name].modality == "image":
             frames = {"frames": config.frames, "num_frames": config.num_frames}
         components[name] = rewards.load_reward(name, **frames, **options)
+        if not loads_on_device:
+            components[name] = components[name].to(config.device)
     return rewards.CombinedReward(components, {name: spec.weight for name, spec in config.rewards.items()})
 
 
@@ -119,6 +131,7 @@ class ScoreReport:
     rows: list[dict] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     columns: list[str] = field(default_factory=list)
+    main_process: bool = True  # under a launcher, only the main process has every row and reports
 
     def summary(self) -> str:
         scored = [r for r in self.rows if r["status"] == "ok"]
@@ -148,10 +161,11 @@ def partial_path(out: Path) -> Path:
 
 
 def resumable_rows(partial: Path, files: list[Path], prompts: list[str]) -> dict[str, dict]:
-    """Rows of an interrupted run, by file, that this call would make again: same file and prompt."""
+    """Rows of an interrupted run (and of its other processes), by file, that this call would make again:
+    same file and prompt."""
     wanted = {str(f): p for f, p in zip(files, prompts)}
     done = {}
-    for row in read_jsonl_rows(partial):
+    for row in read_rows_and_parts(partial):
         file = row.get("file")
         if file not in wanted:
             raise VialignInputError(
@@ -167,13 +181,29 @@ def resumable_rows(partial: Path, files: list[Path], prompts: list[str]) -> dict
     return done
 
 
-def run_score(config: ScoreConfig, *, progress: bool = True, reward=None) -> ScoreReport:
+def score_device(config: ScoreConfig, launch: Launch, reward=None) -> str:
+    """Where the files are scored: ``auto`` is the device of a given ``reward``'s weights, or the GPU when
+    torch sees one (under a launcher, this process's own) else the CPU."""
+    if config.device == "auto" and reward is not None:
+        weights = next(iter(reward.parameters()), None) if isinstance(reward, torch.nn.Module) else None
+        return str(weights.device) if weights is not None else "cpu"
+    return process_device(config.device, launch)
+
+
+def run_score(
+    config: ScoreConfig, *, progress: bool = True, reward=None, launch: Launch | None = None
+) -> ScoreReport:
     """The ``vialign score`` job. ``reward`` reuses an already-built reward (a ``rewards.Reward``)
-    instead of loading ``config.rewards``.
+    instead of loading ``config.rewards``. ``launch``: this process's share of the work (default: the
+    processes a launcher started, else one).
 
     Rows are appended to ``<out stem>.partial.jsonl`` as batches finish and ``out`` is written from it,
     atomically, at the end: a killed run or a full disk leaves only complete rows there (at most one
     cut-short last line, dropped on read), and ``--resume`` scores only the files without a row."""
+    if launch is None:
+        with launched_processes() as launch:
+            return run_score(config, progress=progress, reward=reward, launch=launch)
+    config = config.model_copy(update={"device": score_device(config, launch, reward)})
     out = Path(config.out)
     partial = partial_path(out)
     if config.resume and config.overwrite:
@@ -186,9 +216,10 @@ def run_score(config: ScoreConfig, *, progress: bool = True, reward=None) -> Sco
             + (" (that run is complete: nothing to resume)" if config.resume else "")
             + "; choose another --out or pass --overwrite"
         )
-    if partial.exists() and not (config.resume or config.overwrite):
+    left = partial if partial.exists() else next(iter(rank_files(partial)), None)
+    if left is not None and not (config.resume or config.overwrite):
         raise VialignInputError(
-            f"an interrupted run left {partial}; pass --resume to finish it or --overwrite to start over"
+            f"an interrupted run left {left}; pass --resume to finish it or --overwrite to start over"
         )
     if not config.images:
         raise VialignInputError("nothing to score: pass --images DIR|GLOB|FILES")
@@ -201,9 +232,12 @@ def run_score(config: ScoreConfig, *, progress: bool = True, reward=None) -> Sco
     else:
         needs_prompt = any(known[n].needs_prompt for n in config.rewards if n in known)
     prompts = resolve_prompts(files, config, needs_prompt)
-    done = resumable_rows(partial, files, prompts) if config.resume and partial.exists() else {}
-    if config.resume:
+    done = {}
+    if launch.is_main and config.resume and left is not None:
+        done = resumable_rows(partial, files, prompts)
+    if launch.is_main and config.resume:
         logger.info("--resume: %d of %d files were scored before", len(done), len(files))
+    done = launch.from_main(done)  # every process has passed the checks above before anything is written
     if reward is None:
         reward = build_reward(config, has_videos=any(is_video(f) for f in files))
     report = ScoreReport()
@@ -213,13 +247,28 @@ def run_score(config: ScoreConfig, *, progress: bool = True, reward=None) -> Sco
         elif not report.columns:
             report.columns = [k for k in row if k not in ("file", "prompt", "status", "error")]
     todo = [i for i, f in enumerate(files) if str(f) not in done]
+    # whole batches per process, as one process makes them
+    todo = launch.share(
+        [todo[start : start + config.batch_size] for start in range(0, len(todo), config.batch_size)]
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    kept = f"the rows scored so far are in {partial}: free some space and finish with --resume"
+    if launch.is_main and not done:  # a fresh start: no earlier process's rows may be merged in
+        for part in rank_files(partial):
+            part.unlink()
+    launch.barrier()
+    own_partial = launch.own_file(partial)
+    kept = f"the rows scored so far are in {own_partial}: free some space and finish with --resume"
     resumed_columns = list(report.columns)
+    total, initial = (len(files), len(done)) if launch.world_size == 1 else (len(todo), 0)
     with (
-        JsonlAppender(partial, fresh=not done, kept=kept) as appender,
+        # each process appends to its own file: a resumed run's rows stay where they are, read on merging
+        JsonlAppender(own_partial, fresh=not done, kept=kept) as appender,
         tqdm(
-            total=len(files), initial=len(done), unit="file", desc="vialign score", disable=not progress
+            total=total,
+            initial=initial,
+            unit="file",
+            desc=f"vialign score{launch.name}",
+            disable=not progress or not launch.is_main,
         ) as bar,
     ):
         for start in range(0, len(todo), config.batch_size):
@@ -233,6 +282,13 @@ def run_score(config: ScoreConfig, *, progress: bool = True, reward=None) -> Sco
             appender.write(rows)
             done.update({row["file"]: row for row in rows})
             bar.update(len(batch))
+    launch.barrier()  # every process's rows are on disk
+    if not launch.is_main:
+        report.rows, report.main_process = list(done.values()), False
+        return report
+    if launch.world_size > 1:
+        done = {row["file"]: row for row in read_rows_and_parts(partial)}
+        merged_report(report, [done[str(f)] for f in files])
     report.rows = [done[str(f)] for f in files]  # the order of the files, however the run was split
     if out.suffix == ".csv":
         text = io.StringIO()
@@ -244,8 +300,19 @@ def run_score(config: ScoreConfig, *, progress: bool = True, reward=None) -> Sco
         write_atomically(out, text.getvalue(), kept=kept)
     else:
         write_atomically(out, "".join(json.dumps(row) + "\n" for row in report.rows), kept=kept)
-    partial.unlink()
+    for part in [partial, *rank_files(partial)]:
+        part.unlink(missing_ok=True)
     return report
+
+
+def merged_report(report: ScoreReport, rows: list[dict]) -> None:
+    """``report``'s failures and columns from every process's ``rows``, in file order (this process may have
+    scored none of the files, or none that could be read)."""
+    report.failed = [(row["file"], row.get("error") or "failed") for row in rows if row["status"] != "ok"]
+    for row in rows:
+        if row["status"] == "ok":
+            report.columns = [k for k in row if k not in ("file", "prompt", "status", "error")]
+            break
 
 
 def score_batch(

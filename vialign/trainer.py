@@ -50,6 +50,7 @@ from vialign.distributed import Processes
 from vialign.errors import VialignInputError
 from vialign.files import JsonlAppender, disk_error, read_jsonl_rows, write_atomically
 from vialign.seeds import mix_seed
+from vialign.sharding import check_launcher, copy_full_, full_tensor, scalar, shard_optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -321,11 +322,18 @@ class Trainer:
             # accelerate names the CPU of a multi-process run "cpu:0"; some CPU kernels take another path for
             # an indexed device, in the last bits, and N processes must compute what one does
             device = "cpu"
+        if model.prompt_embeds is not None:  # no text encoders: every prompt the run encodes is in the file
+            from vialign.precompute import check_precomputed, needed_prompts
+
+            data = self.train_prompts, self.eval_prompts, self.regression_prompts
+            check_precomputed(self.config, needed_prompts(self.config, *data))
         return load_model(model, device=str(device), with_lora=False)
 
     def _setup_finetuning(self) -> list[torch.nn.Parameter]:
         finetune, adapter = self.config.finetune, self.adapter
         denoiser = adapter.unwrapped_denoiser
+        self.sharded = None  # finetune.sharding=fsdp over 2+ processes: a vialign.sharding.ShardedDenoiser
+        check_launcher(self.accelerator.distributed_type)  # not accelerate's FSDP plugin: vialign shards
         if finetune.method == "lora":
             if self.config.model.lora:
                 adapter.load_lora(self.config.model.lora)  # continue training these LoRA weights
@@ -350,8 +358,22 @@ class Trainer:
                     f"the {adapter.denoiser_name} does not support gradient checkpointing"
                 )
             denoiser.enable_gradient_checkpointing()
+        if finetune.sharding == "fsdp":
+            params = self._shard()
         denoiser.eval()  # algorithms switch to train mode for their gradient passes (context.train_mode)
         return params
+
+    def _shard(self) -> list[torch.nn.Parameter]:
+        """finetune.sharding=fsdp: shard the denoiser over the processes (``vialign.sharding``); its
+        sharded parameters are the trainable ones."""
+        if self.world_size == 1:
+            logger.info("finetune.sharding=fsdp on one process: nothing to shard, the run trains unsharded")
+            return list(self.adapter.unwrapped_denoiser.parameters())
+        from vialign.sharding import ShardedDenoiser
+
+        mixed_precision = self.config.finetune.fsdp_mixed_precision
+        self.sharded = ShardedDenoiser(self.adapter, self.world_size, mixed_precision=mixed_precision)
+        return self.sharded.parameters()
 
     def _load_rewards(self):
         import rewards
@@ -438,7 +460,10 @@ class Trainer:
         return self._frozen_copy()
 
     def _frozen_copy(self) -> torch.nn.Module:
-        reference = copy.deepcopy(self.adapter.unwrapped_denoiser).requires_grad_(False).eval()
+        if self.sharded is not None:  # whole on every process, gathered from the shards
+            reference = self.sharded.frozen_copy()
+        else:
+            reference = copy.deepcopy(self.adapter.unwrapped_denoiser).requires_grad_(False).eval()
         return reference.to("cpu") if self.config.finetune.reference_on_cpu else reference
 
     # ------------------------------------------------------------------ reward shaping's reference policy
@@ -556,7 +581,7 @@ class Trainer:
         with torch.no_grad():
             if self.reference_denoiser is not None:
                 for target, param in zip(self.reference_denoiser.parameters(), self.trainable):
-                    target.copy_(param)
+                    target.copy_(full_tensor(param))  # sharded: gathered whole
             else:
                 self.reference_snapshot = [p.detach().clone() for p in self.trainable]
         self.reference_refreshed = True
@@ -594,7 +619,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = optim.lr * factor
         max_norm = optim.max_grad_norm if optim.max_grad_norm is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)  # sharded: the global norm
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_updates += 1
@@ -604,7 +629,7 @@ class Trainer:
             with torch.no_grad():
                 for average, param in zip(self.ema, self.trainable):
                     average.mul_(decay).add_(param.detach().float(), alpha=1 - decay)
-        return float(norm)
+        return scalar(norm)
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
@@ -667,7 +692,8 @@ class Trainer:
         ShapeWorld judge), ``eval/pixel_diversity``, the same under ``eval/regression/`` for
         ``eval.regression_prompts``, and an image grid ``eval/step-<step>.png``."""
         results: dict[str, float] = {}
-        if self.is_main and self.eval_prompts:
+        # a sharded denoiser runs only with every process: each samples the same images, the main one logs
+        if (self.is_main or self.sharded is not None) and self.eval_prompts:
             with torch.no_grad(), self.ema_weights():
                 config = self.config.eval
                 results, pixels = self._evaluate_prompts(
@@ -678,8 +704,9 @@ class Trainer:
                         self.regression_prompts, config.regression_samples_per_prompt, "eval/regression/"
                     )
                     results.update(regression)
-            self._save_eval_grid(step, pixels, config.samples_per_prompt)
-            self.metrics.log(step, results)
+            if self.is_main:
+                self._save_eval_grid(step, pixels, config.samples_per_prompt)
+                self.metrics.log(step, results)
         self.accelerator.wait_for_everyone()
         return results
 
@@ -759,13 +786,22 @@ class Trainer:
         return [n for n, p in self.adapter.unwrapped_denoiser.named_parameters() if id(p) in ids]
 
     def save_checkpoint(self, step: int) -> None:
+        if self.sharded is not None:  # every process gathers; the main one gets the whole tensors
+            from vialign.sharding import checkpoint_tensors
+
+            gathered = checkpoint_tensors(
+                self.sharded, self._trainable_names(), self.ema, self.optimizer, self.is_main
+            )
         if self.is_main:
             names = self._trainable_names()
-            tensors = {f"weights.{n}": p for n, p in zip(names, self.trainable)}
-            optimizer_tensors, optimizer_meta = optimizer_to_flat(self.optimizer)
-            tensors.update(optimizer_tensors)
-            if self.ema is not None:
-                tensors.update({f"ema.{n}": e for n, e in zip(names, self.ema)})
+            if self.sharded is not None:
+                tensors, optimizer_meta = gathered
+            else:
+                tensors = {f"weights.{n}": p for n, p in zip(names, self.trainable)}
+                optimizer_tensors, optimizer_meta = optimizer_to_flat(self.optimizer)
+                tensors.update(optimizer_tensors)
+                if self.ema is not None:
+                    tensors.update({f"ema.{n}": e for n, e in zip(names, self.ema)})
             reference = self._refreshed_reference()
             if reference is not None:
                 tensors.update({f"reference.{n}": r for n, r in zip(names, reference)})
@@ -795,10 +831,10 @@ class Trainer:
             )
         with torch.no_grad():
             for name, param in zip(names, self.trainable):
-                param.copy_(tensors[f"weights.{name}"])
+                copy_full_(param, tensors[f"weights.{name}"])  # sharded: this process's shard
             if self.ema is not None:
                 for name, average in zip(names, self.ema):
-                    average.copy_(tensors[f"ema.{name}"])
+                    copy_full_(average, tensors[f"ema.{name}"])
         if f"reference.{names[0]}" in tensors:  # online DPO refreshed its reference before this checkpoint
             reference = [
                 tensors[f"reference.{n}"].to(p.device, p.dtype) for n, p in zip(names, self.trainable)
@@ -812,6 +848,7 @@ class Trainer:
                 self.reference_snapshot = reference
             self.reference_refreshed = True
         optimizer_from_flat(self.optimizer, tensors, state["optimizer"])
+        shard_optimizer_state(self.optimizer)  # sharded parameters: their moments sharded alike
         self.algorithm.load_state_dict(state["algorithm"])
         self.load_shaping_state(state.get("reward_shaping", {}))
         self.optimizer_updates = state.get("optimizer_updates", state["step"])
@@ -824,12 +861,14 @@ class Trainer:
         """``output_dir/final``: diffusers LoRA weights (stock ``load_lora_weights`` loads them), or a full
         diffusers pipeline folder; the EMA weights when EMA is on."""
         final = self.output_dir / "final"
-        if self.is_main:
+        if self.is_main or self.sharded is not None:  # sharded: every process gathers the weights
+            sharded = self.sharded
+            gathered = sharded.unsharded_denoiser(self.is_main) if sharded else contextlib.nullcontext()
             try:
-                with self.ema_weights():
-                    if self.config.finetune.method == "lora":
+                with self.ema_weights(), gathered:
+                    if self.is_main and self.config.finetune.method == "lora":
                         self.adapter.save_lora(final)
-                    else:
+                    elif self.is_main:
                         shutil.rmtree(final, ignore_errors=True)
                         self.adapter.save_pipeline(final)
             except OSError as error:

@@ -317,7 +317,6 @@ class GRPO(Algorithm):
         if settings.reward_mode == "per_reward":
             return per_reward_advantages(dims, self.context.reward_weights, group_ids, **options)
         if settings.reward_mode == "pareto":
-            self.require_every_reward(dims)
             unweighted = dict.fromkeys(self.context.reward_weights, 1.0)
             advantages = per_reward_advantages(
                 dims, unweighted, group_ids, combine=settings.pareto_advantages, **options
@@ -329,17 +328,10 @@ class GRPO(Algorithm):
             scores = self.win_rates(scores, group_ids)
         return group_advantages(scores, group_ids, **options)
 
-    def require_every_reward(self, dims: dict[str, torch.Tensor]) -> None:
-        names = list(self.context.reward_weights)
-        if len(names) < 2 or any(name not in dims for name in names):
-            raise VialignInputError(
-                f"grpo.reward_mode=pareto needs two or more rewards, each scored on its own; got {names}: add "
-                "a reward, or use reward_mode=sum"
-            )
-
     def pareto_selected(self, advantages: Advantages, dims: dict[str, torch.Tensor]) -> Advantages:
         """Parrot's batch-wise selection (Lee et al. 2024, Sec. 4.2): only the non-dominated samples of
-        the global batch train; a sample with a non-finite reward neither trains nor dominates."""
+        the global batch train; a sample with a non-finite reward neither trains nor dominates. (Fewer than
+        two rewards is refused when the algorithm is set up.)"""
         names = list(self.context.reward_weights)
         table = torch.stack([dims[name] for name in names], dim=1)
         finite = torch.isfinite(table).all(1)

@@ -19,13 +19,21 @@ section is skipped once ``--budget`` seconds have passed; a hard alarm stops the
 
   1. sampling: vialign / stock diffusers time ratio, 512x512, 20 steps, CFG, batch 4 — runs
      ``benchmarks/sampling.py``'s ``benchmark_family`` on this model (its clock synchronised with CUDA);
-  2. memory: gradients through the whole chain (+ VAE decode), plain vs per-step checkpointed, 256x256,
-     batch 1, N = 10 and 50: peak ``max_memory_allocated`` above the weights and time (as
-     ``benchmarks/memory.py`` calls ``rollout_prompts``);
+  2. memory: gradients through the whole chain (+ VAE decode), 256x256, batch 1, N = 10 and 50: peak
+     ``max_memory_allocated`` above the weights and time of the plain chain, per-step checkpointing
+     (full recompute), selective recompute (``checkpoint="selective"``) and activations offloaded to host
+     memory (as ``benchmarks/memory.py`` calls ``rollout_prompts``);
   3. compile: ODE rollout with the denoiser eager vs ``torch.compile``'d (``adapter.denoiser`` is what
      ``_forward`` calls), 512x512 batch 4; compile time apart;
   4. grpo: ``benchmarks/grpo_step.py``'s step / model-call ratio on this model saved as a diffusers folder;
-  5. scoring: ``benchmarks/scoring.py``'s ``vialign score`` vs per-image loop at CLIP ViT-L/14.
+  5. scoring: ``benchmarks/scoring.py``'s ``vialign score`` vs per-image loop at CLIP ViT-L/14;
+  6. fsdp: memory of one full fine-tuning step of the SD 1.5 UNet (rollout with gradients through its
+     last step, decode, backward, AdamW) unsharded vs ``fully_shard``-ed over 8 ranks; the 8 ranks are
+     torch's fake process group (one process plays rank 0; collectives move no data): what each of 8
+     GPUs would hold, measurable on one;
+  7. flux: FLUX.1-dev's transformer and VAE (11.9B + 84M, random, no text encoders: random prompt
+     embeddings given to both paths): sampling vialign vs stock FluxPipeline at 1024x1024, then the
+     same full fine-tuning step sharded over 8 fake ranks.
 
 Writes ``OUT/gpu.json`` and ``OUT/gpu.md`` after every section (``--out`` ending in .json: that file).
 """
@@ -155,24 +163,96 @@ TINY_TEXT = {
     "num_attention_heads": 4,
 }
 
+# black-forest-labs/FLUX.1-dev transformer/config.json (11.9B parameters) and vae/config.json (83.8M)
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+FLUX_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=16,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+FLUX_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
 # per-section sizes: real run, and --smoke
 PLAN = {
     "full": dict(
         sampling=dict(size=512, steps=20, batch=4, repeats=5, guidance=7.5),
-        memory=dict(size=256, batch=1, steps=(10, 50), repeats=3, guidance=4.0),
+        memory=dict(
+            size=256,
+            batch=1,
+            steps=(10, 50),
+            repeats=3,
+            guidance=4.0,
+            modes=("nograd", "checkpoint", "selective", "plain"),  # offload: 10-14x plain (2026-12-04)
+            large=dict(size=512, batch=4, steps=8, modes=("checkpoint", "selective", "plain")),
+        ),
         compile=dict(size=512, steps=20, batch=4, repeats=3, guidance=7.5, min_seconds_left=100),
         grpo=dict(size=256, steps=10, group_size=8, prompts=8, micro_batch=32, repeats=3),
-        scoring=dict(architecture="vit-l-14", images=128, per_prompt=4, size=512, batch=32, reload_images=4),
+        scoring=dict(
+            architecture="vit-l-14", images=256, per_prompt=4, size=512, batch=32, reload_images=4, repeats=3
+        ),
+        fsdp=dict(size=512, steps=4, world_size=8),
+        flux=dict(
+            size=1024, steps=12, batch=1, repeats=3, guidance=3.5, fsdp_size=512, fsdp_steps=4, world_size=8
+        ),
     ),
     "smoke": dict(
         sampling=dict(size=64, steps=3, batch=2, repeats=3, guidance=7.5),
-        memory=dict(size=64, batch=1, steps=(2, 4), repeats=3, guidance=4.0),
+        memory=dict(
+            size=64,
+            batch=1,
+            steps=(2, 4),
+            repeats=3,
+            guidance=4.0,
+            modes=("nograd", "checkpoint", "selective", "offload", "plain"),
+            large=dict(size=128, batch=2, steps=2, modes=("checkpoint", "selective", "plain")),
+        ),
         compile=dict(size=64, steps=3, batch=2, repeats=3, guidance=7.5, min_seconds_left=0),
         grpo=dict(size=64, steps=3, group_size=2, prompts=2, micro_batch=4, repeats=3),
         scoring=dict(architecture="tiny", images=8, per_prompt=4, size=64, batch=4, reload_images=2),
+        fsdp=dict(size=64, steps=2, world_size=8),
+        flux=dict(
+            size=64, steps=3, batch=1, repeats=2, guidance=3.5, fsdp_size=64, fsdp_steps=2, world_size=8
+        ),
     ),
 }
-SECTIONS = {"1": "sampling", "2": "memory", "3": "compile", "4": "grpo", "5": "scoring"}
+SECTIONS = {
+    "1": "sampling",
+    "2": "memory",
+    "3": "compile",
+    "4": "grpo",
+    "5": "scoring",
+    "6": "fsdp",
+    "7": "flux",
+}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -497,13 +577,22 @@ def section_memory(ctx: Context) -> dict:
     for param in params:
         param.requires_grad_(True)
 
+    # mode -> (rollout checkpoint, decode checkpoint, activations kept in host memory)
+    modes = {
+        "nograd": (False, False, False),
+        "checkpoint": (True, True, False),
+        "selective": ("selective", True, False),
+        "offload": (False, False, True),
+        "plain": (False, False, False),
+    }
+
     def run(mode: str, n: int, schedule) -> tuple[float, float, float | None]:
         ctx.free()
         base = torch.cuda.memory_allocated(ctx.device) if ctx.cuda else 0
         if ctx.cuda:
             torch.cuda.reset_peak_memory_stats(ctx.device)
         start = ctx.clock()
-        checkpoint = mode == "checkpoint"
+        checkpoint, decode_checkpoint, offload = modes[mode]
         with torch.set_grad_enabled(mode != "nograd"):
             trajectory = rollout_prompts(
                 adapter,
@@ -516,8 +605,9 @@ def section_memory(ctx: Context) -> dict:
                 sampler=sampler,
                 grad_steps=0 if mode == "nograd" else n,
                 checkpoint=checkpoint,
+                offload=offload,
             )
-            loss = adapter.decode(trajectory.final, checkpoint=checkpoint).mean()
+            loss = adapter.decode(trajectory.final, checkpoint=decode_checkpoint).mean()
             if mode != "nograd":
                 loss.backward()
         seconds = ctx.clock() - start
@@ -535,22 +625,30 @@ def section_memory(ctx: Context) -> dict:
         "peak = max_memory_allocated during one run minus memory_allocated before it (all weights); "
         f"plain/checkpoint peaks include the denoiser's full gradients ({weights_gb:.2f} GB)"
     )
+    # (size, batch, steps, row name, modes): the plan's sizes, and one compute-bound size where selective
+    # recompute's saved products should pay for its per-op dispatch
+    configs = [(size, batch, n, f"N={n}", plan["modes"]) for n in plan["steps"]]
+    if "large" in plan:
+        large = plan["large"]
+        name = f"N={large['steps']} {large['size']}px x{large['batch']}"
+        configs.append((large["size"], large["batch"], large["steps"], name, large["modes"]))
     warm = True
     try:
-        for n in plan["steps"]:
+        for size, batch, n, key, config_modes in configs:
+            prompts = [f"a photo of object {i}" for i in range(batch)]
             schedule = adapter.schedule(n, size, size)
             row: dict = {}
-            for mode in ("nograd", "checkpoint", "plain"):
+            for mode in config_modes:
                 first = plan["steps"][0]
                 previous = results.get(f"N={first}", {}).get("plain", {}).get("peak_above_weights_gb")
-                if mode == "plain" and ctx.cuda and previous is not None and n != first:
+                if mode == "plain" and ctx.cuda and previous is not None and key != f"N={first}":
                     predicted = previous * n / first
                     free_gb = torch.cuda.mem_get_info(ctx.device)[0] / 2**30
                     if predicted > 0.9 * free_gb:
                         row[mode] = {
                             "skipped": f"predicted peak {predicted:.1f} GB > 90% of {free_gb:.1f} GB free"
                         }
-                        log(f"memory N={n} {mode}: {row[mode]['skipped']}")
+                        log(f"memory {key} {mode}: {row[mode]['skipped']}")
                         continue
                 runs = plan["repeats"] + (1 if warm else 0)
                 times, losses, peaks = [], [], []
@@ -563,7 +661,7 @@ def section_memory(ctx: Context) -> dict:
                         peaks.append(peak)
                 except torch.cuda.OutOfMemoryError as error:
                     row[mode] = {"oom": str(error).splitlines()[0]}
-                    log(f"memory N={n} {mode}: out of memory")
+                    log(f"memory {key} {mode}: out of memory")
                     for param in params:
                         param.grad = None
                     ctx.free()
@@ -574,22 +672,26 @@ def section_memory(ctx: Context) -> dict:
                     "loss": losses[-1],
                 }
                 log(
-                    f"memory N={n} {mode:10s}: median {row[mode]['median_s']:.3f} s"
+                    f"memory {key} {mode:10s}: median {row[mode]['median_s']:.3f} s"
                     + (f", peak +{max(peaks):.2f} GB" if ctx.cuda else "")
                 )
             warm = False
-            if "median_s" in row.get("plain", {}) and "median_s" in row.get("checkpoint", {}):
-                plain, ckpt = row["plain"], row["checkpoint"]
-                row["time_ratio_checkpoint_over_plain"] = ckpt["median_s"] / plain["median_s"]
-                row["same_loss"] = abs(plain["loss"] - ckpt["loss"]) <= 1e-3 * max(1.0, abs(plain["loss"]))
+            plain = row.get("plain", {})
+            for mode in ("checkpoint", "selective", "offload"):
+                other = row.get(mode, {})
+                if "median_s" not in plain or "median_s" not in other:
+                    continue
+                ratios = {
+                    "time": other["median_s"] / plain["median_s"],
+                    "same_loss": abs(plain["loss"] - other["loss"]) <= 1e-3 * max(1.0, abs(plain["loss"])),
+                }
                 if ctx.cuda:
-                    row["memory_ratio_checkpoint_over_plain"] = (
-                        ckpt["peak_above_weights_gb"] / plain["peak_above_weights_gb"]
-                    )
+                    ratios["memory"] = other["peak_above_weights_gb"] / plain["peak_above_weights_gb"]
                     act_plain = plain["peak_above_weights_gb"] - weights_gb
-                    act_ckpt = ckpt["peak_above_weights_gb"] - weights_gb
-                    row["memory_ratio_without_grads"] = act_ckpt / act_plain if act_plain > 0 else None
-            results[f"N={n}"] = row
+                    act_other = other["peak_above_weights_gb"] - weights_gb
+                    ratios["memory_without_grads"] = act_other / act_plain if act_plain > 0 else None
+                row[f"{mode}_over_plain"] = ratios
+            results[key] = row
     finally:
         for param in params:
             param.requires_grad_(False)
@@ -773,6 +875,7 @@ def section_scoring(ctx: Context) -> dict:
 
     import rewards
     from vialign.config import ScoreConfig
+    from vialign.score import READ_THREADS as read_threads
     from vialign.score import run_score
 
     plan = ctx.plan["scoring"]
@@ -805,9 +908,12 @@ def section_scoring(ctx: Context) -> dict:
     start = ctx.clock()
     reference = scoring.per_image_loop(model, processor, items)
     loop_seconds = ctx.clock() - start
-    start = ctx.clock()
-    report = run_score(config, progress=False, reward=reward)
-    ours_seconds = ctx.clock() - start
+    ours_times = []
+    for _ in range(plan.get("repeats", 1)):
+        start = ctx.clock()
+        report = run_score(config, progress=False, reward=reward)
+        ours_times.append(ctx.clock() - start)
+    ours_seconds = statistics.median(ours_times)
     reload_items = items[: plan["reload_images"]]
     start = ctx.clock()
     scoring.per_call_reload_loop(model, processor, root / "model" / "model.safetensors", reload_items)
@@ -824,8 +930,233 @@ def section_scoring(ctx: Context) -> dict:
         "max_score_difference": float(np.abs(np.array(ours) - np.array(reference)).max()),
         "loop_s": loop_seconds,
         "vialign_s": ours_seconds,
+        "vialign_times_s": ours_times,
+        "read_threads": read_threads,
         "target": "throughput ratio >= 3",
     }
+
+
+def training_step_memory(
+    ctx: Context, adapter, *, size: int, num_steps: int, world_size: int, prompt: str = "a photo of a cat"
+) -> dict:
+    """One full fine-tuning step (a rollout with gradients through its last step, checkpointed, the decode,
+    backward, AdamW) as vialign's trainer takes it, unsharded (``world_size`` 1) or ``fully_shard``-ed by
+    ``vialign.sharding.ShardedDenoiser`` over ``world_size`` ranks of torch's fake process group: one
+    process plays rank 0, collectives move no data (the values are meaningless), and the memory rank 0
+    holds is what each of ``world_size`` GPUs would hold."""
+    import torch
+    import torch.distributed as dist
+
+    from vialign.sampling import Sampler, rollout_prompts
+    from vialign.sharding import ShardedDenoiser
+
+    denoiser = adapter.unwrapped_denoiser
+    full_params = sum(p.numel() for p in denoiser.parameters())
+    full_bytes = sum(p.numel() * p.element_size() for p in denoiser.parameters())
+    if world_size > 1:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        params = (
+            ShardedDenoiser(adapter, world_size).parameters()
+            if world_size > 1
+            else list(denoiser.parameters())
+        )
+        for param in params:
+            param.requires_grad_(True)
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+        ctx.free()
+        if ctx.cuda:
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        resident = torch.cuda.memory_allocated(ctx.device) if ctx.cuda else 0
+        optimizer = torch.optim.AdamW(params, lr=1e-6)
+        start = ctx.clock()
+        schedule = adapter.schedule(num_steps, size, size)
+        sampler = Sampler(sde="ddim" if adapter.kind == "diffusion" else "flow-sde")
+        guidance = adapter.make_guidance(None)
+        trajectory = rollout_prompts(
+            adapter,
+            [prompt],
+            [0],
+            schedule,
+            height=size,
+            width=size,
+            guidance=guidance,
+            sampler=sampler,
+            grad_steps=1,
+            checkpoint=True,
+        )
+        adapter.decode(trajectory.final, checkpoint=True).float().mean().backward()
+        optimizer.step()
+        seconds = ctx.clock() - start
+        after = torch.cuda.memory_allocated(ctx.device) if ctx.cuda else 0
+        peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.cuda else 0
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer, trajectory
+        gb = 2**30
+        return {
+            "world_size": world_size,
+            "denoiser_parameters_M": full_params / 1e6,
+            "denoiser_weights_gb": full_bytes / gb,
+            "local_parameters_M": sum(p.numel() for p in local) / 1e6,
+            "resident_before_step_gb": resident / gb if ctx.cuda else None,
+            "after_step_gb": after / gb if ctx.cuda else None,  # + gradients and AdamW moments
+            "peak_gb": peak / gb if ctx.cuda else None,
+            "step_s": seconds,
+        }
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def section_fsdp(ctx: Context) -> dict:
+    """Memory per rank of one full fine-tuning step of the SD 1.5 UNet: unsharded vs FSDP2 over 8 ranks."""
+    plan = ctx.plan["fsdp"]
+    results: dict = {"config": {**plan, "dtype": ctx.dtype_name, "device_memory": "all of the process's"}}
+    for world_size in (1, plan["world_size"]):
+        pipe = build_sd15(ctx.device, ctx.dtype, tiny=ctx.args.smoke)  # sharding changes the model in place
+        adapter = ctx.adapter(pipe)
+        results[f"world_size={world_size}"] = training_step_memory(
+            ctx, adapter, size=plan["size"], num_steps=plan["steps"], world_size=world_size
+        )
+        del pipe, adapter
+        ctx.free()
+    one, many = results["world_size=1"], results[f"world_size={plan['world_size']}"]
+    if ctx.cuda:
+        results["peak_ratio_sharded_over_unsharded"] = many["peak_gb"] / one["peak_gb"]
+    return results
+
+
+def build_flux(device, dtype, tiny: bool):
+    """A FluxPipeline with FLUX.1-dev's transformer and VAE architectures, random weights, built on the
+    device, without text encoders (prompts are given as embeddings to both paths)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    if tiny:  # --smoke: pipelines.tiny's FLUX (the same classes at toy width)
+        from pipelines import tiny as tiny_pipelines
+
+        built = tiny_pipelines.build("flux")
+        transformer, vae = built.transformer, built.vae
+    else:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # 12B parameters: initialise them in the run's dtype, on the device
+        try:
+            with torch.device(device):
+                transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+                vae = AutoencoderKL(**FLUX_VAE)
+        finally:
+            torch.set_default_dtype(default)
+    for module in (transformer, vae):
+        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    log(
+        f"built {'tiny' if tiny else 'FLUX.1-dev'}-architecture pipeline on {device} in {dtype} "
+        f"({time.perf_counter() - start:.1f} s): transformer {count(transformer):.1f}M, vae {count(vae):.1f}M"
+    )
+    return pipe
+
+
+def section_flux(ctx: Context) -> dict:
+    """FLUX.1-dev's architecture: sampling vialign vs stock FluxPipeline (prompt embeddings given to both),
+    then the memory per rank of a full fine-tuning step sharded over 8 ranks."""
+    import torch
+
+    import pipelines
+    from pipelines.embeds import PromptEmbeds
+    from vialign.sampling import rollout_prompts
+
+    plan = ctx.plan["flux"]
+    pipe = build_flux(ctx.device, ctx.dtype, tiny=ctx.args.smoke)
+    adapter = pipelines.FluxAdapter.from_pipeline(
+        pipe, model_id="flux-dev-random", device=ctx.device, dtype=ctx.dtype
+    )
+    config = pipe.transformer.config
+    batch, size, steps = plan["batch"], plan["size"], plan["steps"]
+    prompts = [f"a photo of object number {i}" for i in range(batch)]
+    generator = torch.Generator(ctx.device).manual_seed(0)
+    hidden = torch.randn(batch, 512, config.joint_attention_dim, generator=generator, device=ctx.device)
+    pooled = torch.randn(batch, config.pooled_projection_dim, generator=generator, device=ctx.device)
+    hidden, pooled = hidden.to(ctx.dtype), pooled.to(ctx.dtype)
+    for i, prompt in enumerate(prompts):
+        adapter.prompt_cache.put(
+            [prompt], PromptEmbeds({"hidden_states": hidden[i : i + 1], "pooled": pooled[i : i + 1]})
+        )
+
+    def generators():
+        return [torch.Generator().manual_seed(i) for i in range(batch)]
+
+    def run_stock():
+        with torch.no_grad():
+            return pipe(
+                prompt_embeds=hidden,
+                pooled_prompt_embeds=pooled,
+                num_inference_steps=steps,
+                guidance_scale=plan["guidance"],
+                height=size,
+                width=size,
+                generator=generators(),
+                output_type="pt",
+            ).images
+
+    def run_vialign():
+        with torch.no_grad():
+            schedule = adapter.schedule(steps, size, size)
+            trajectory = rollout_prompts(
+                adapter,
+                prompts,
+                range(batch),
+                schedule,
+                height=size,
+                width=size,
+                guidance=adapter.make_guidance(plan["guidance"]),
+            )
+            return adapter.decode(trajectory.final)
+
+    reference, ours = run_stock(), run_vialign()  # warm-up, and the same computation
+    max_diff = (reference.float() - ours.float()).abs().max().item()
+    times: dict[str, list[float]] = {"stock": [], "vialign": []}
+    for _ in range(plan["repeats"]):
+        for name, fn in (("stock", run_stock), ("vialign", run_vialign)):
+            start = ctx.clock()
+            fn()
+            times[name].append(ctx.clock() - start)
+    results: dict = {
+        "config": {**plan, "dtype": ctx.dtype_name, "prompt_embeddings": "random, given to both paths"},
+        "stock": summary(times["stock"]),
+        "vialign": summary(times["vialign"]),
+        "ratio_vialign_over_stock": statistics.median(times["vialign"]) / statistics.median(times["stock"]),
+        "max_pixel_difference": max_diff,
+    }
+    log(f"flux sampling: ratio {results['ratio_vialign_over_stock']:.3f}, max pixel diff {max_diff:.1e}")
+    del reference, ours
+    ctx.free()
+    if ctx.seconds_left() > 30:
+        results["fsdp"] = training_step_memory(
+            ctx,
+            adapter,
+            size=plan["fsdp_size"],
+            num_steps=plan["fsdp_steps"],
+            world_size=plan["world_size"],
+            prompt=prompts[0],
+        )
+        weights = results["fsdp"]["denoiser_weights_gb"]
+        # unsharded full fine-tuning holds weights, gradients and AdamW's two moments (all in the weights'
+        # dtype here) before any activation: computed, not run (it does not fit beside the rest)
+        results["unsharded_weights_grads_adam_gb"] = 4 * weights
+    return results  # the 12B model is freed with this frame
 
 
 RUNNERS = {
@@ -834,6 +1165,8 @@ RUNNERS = {
     "compile": section_compile,
     "grpo": section_grpo,
     "scoring": section_scoring,
+    "fsdp": section_fsdp,
+    "flux": section_flux,
 }
 
 
@@ -846,35 +1179,38 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def _stock_vs_vialign_rows(r: dict, setting: str, ratio_note: str) -> list[tuple[str, str, str]]:
+    """The three rows of a sampling comparison: stock and vialign medians, and their ratio."""
+    return [
+        ("stock median s", _fmt(r["stock"]["median_s"]), setting),
+        (
+            "vialign median s",
+            _fmt(r["vialign"]["median_s"]),
+            f"{r['vialign']['runs']} runs each, alternating",
+        ),
+        ("ratio vialign/stock", _fmt(r["ratio_vialign_over_stock"]), ratio_note),
+    ]
+
+
 def _section_rows(name: str, r: dict) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     if name == "sampling":
         c = r["config"]
         diff = r["max_pixel_difference"]
-        rows += [
-            (
-                "stock median s",
-                _fmt(r["stock"]["median_s"]),
-                f"{c['size']}px, {c['steps']} steps, batch {c['batch']}, CFG {c['guidance']}, {c['dtype']}",
-            ),
-            (
-                "vialign median s",
-                _fmt(r["vialign"]["median_s"]),
-                f"{r['vialign']['runs']} runs each, alternating",
-            ),
-            (
-                "ratio vialign/stock",
-                _fmt(r["ratio_vialign_over_stock"]),
-                f"minima ratio {_fmt(r['ratio_of_minima'])}; target <= 1.05",
-            ),
-            ("max pixel diff", "-" if diff is None else f"{diff:.1e}", ""),
-        ]
+        rows += _stock_vs_vialign_rows(
+            r,
+            f"{c['size']}px, {c['steps']} steps, batch {c['batch']}, CFG {c['guidance']}, {c['dtype']}",
+            f"minima ratio {_fmt(r['ratio_of_minima'])}; target <= 1.05",
+        )
+        rows.append(("max pixel diff", "-" if diff is None else f"{diff:.1e}", ""))
     elif name == "memory":
         for key, row in r.items():
             if not key.startswith("N="):
                 continue
-            for mode in ("nograd", "checkpoint", "plain"):
-                m = row.get(mode, {})
+            for mode in ("nograd", "checkpoint", "selective", "offload", "plain"):
+                if mode not in row:
+                    continue
+                m = row[mode]
                 if "median_s" in m:
                     rows.append(
                         (
@@ -885,15 +1221,22 @@ def _section_rows(name: str, r: dict) -> list[tuple[str, str, str]]:
                     )
                 else:
                     rows.append((f"{key} {mode}", "-", str(m.get("skipped") or m.get("oom") or "")[:120]))
-            if "time_ratio_checkpoint_over_plain" in row:
-                rows.append(
-                    (
-                        f"{key} ckpt/plain",
-                        f"time {row['time_ratio_checkpoint_over_plain']:.2f}",
-                        f"memory {_fmt(row.get('memory_ratio_checkpoint_over_plain'))} (without grads "
-                        f"{_fmt(row.get('memory_ratio_without_grads'))}); same loss {row.get('same_loss')}",
+            for mode in ("checkpoint", "selective", "offload"):
+                ratios = row.get(f"{mode}_over_plain")
+                if ratios:
+                    rows.append(
+                        (
+                            f"{key} {mode}/plain",
+                            f"time {ratios['time']:.2f}",
+                            f"memory {_fmt(ratios.get('memory'))} (without grads "
+                            f"{_fmt(ratios.get('memory_without_grads'))}); same loss {ratios['same_loss']}"
+                            + (
+                                "; target time <= 1.35"
+                                if mode != "offload"
+                                else "; GPU memory, host RAM grows"
+                            ),
+                        )
                     )
-                )
     elif name == "compile":
         c = r["config"]
         rows.append(
@@ -956,13 +1299,51 @@ def _section_rows(name: str, r: dict) -> list[tuple[str, str, str]]:
                 _fmt(r["per_image_loop_images_per_s"], 1),
                 f"CLIP {c['architecture']}, {c['images']} PNGs {c['size']}px",
             ),
-            ("vialign score img/s", _fmt(r["vialign_score_images_per_s"], 1), f"batch {c['batch']}"),
+            (
+                "vialign score img/s",
+                _fmt(r["vialign_score_images_per_s"], 1),
+                f"batch {c['batch']}, {r.get('read_threads', '?')} read threads, median of "
+                f"{len(r.get('vialign_times_s', [1]))} runs",
+            ),
             (
                 "ratio vs loop",
                 _fmt(r["throughput_ratio_vs_loop"], 2),
                 f"vs per-call reload {_fmt(r['throughput_ratio_vs_reload'], 1)}; max score diff {r['max_score_difference']:.1e}",
             ),
         ]
+    elif name == "fsdp":
+        c = r["config"]
+        for key in ("world_size=1", f"world_size={c['world_size']}"):
+            m = r.get(key, {})
+            rows.append(
+                (
+                    f"{key} peak GB",
+                    _fmt(m.get("peak_gb"), 2),
+                    f"resident {_fmt(m.get('resident_before_step_gb'), 2)} GB, after the step (+grads, AdamW) "
+                    f"{_fmt(m.get('after_step_gb'), 2)} GB; {m.get('local_parameters_M', 0):.0f}M of "
+                    f"{m.get('denoiser_parameters_M', 0):.0f}M parameters; {c['size']}px",
+                )
+            )
+        if "peak_ratio_sharded_over_unsharded" in r:
+            rows.append(("peak sharded/unsharded", _fmt(r["peak_ratio_sharded_over_unsharded"]), "per rank"))
+    elif name == "flux":
+        c = r["config"]
+        rows += _stock_vs_vialign_rows(
+            r,
+            f"{c['size']}px, {c['steps']} steps, batch {c['batch']}, guidance {c['guidance']}, {c['dtype']}",
+            f"max pixel diff {r['max_pixel_difference']:.1e}; target <= 1.05",
+        )
+        if "fsdp" in r:
+            m = r["fsdp"]
+            rows.append(
+                (
+                    f"FSDP x{m['world_size']} peak GB/rank",
+                    _fmt(m.get("peak_gb"), 2),
+                    f"full fine-tuning step, {c['fsdp_size']}px; resident {_fmt(m.get('resident_before_step_gb'), 2)}"
+                    f" GB, after step {_fmt(m.get('after_step_gb'), 2)} GB; unsharded weights+grads+AdamW "
+                    f"alone {_fmt(r.get('unsharded_weights_grads_adam_gb'), 1)} GB (computed)",
+                )
+            )
     return rows
 
 
@@ -1037,8 +1418,9 @@ def main() -> None:
     parser.add_argument(
         "--sections",
         nargs="+",
-        default=["1", "2", "4", "5", "3"],
-        help="order to run; 1 sampling, 2 memory, 3 compile, 4 grpo, 5 scoring (compile last: the longest)",
+        default=["1", "2", "4", "5", "6", "7", "3"],
+        help="order to run; 1 sampling, 2 memory, 3 compile, 4 grpo, 5 scoring, 6 fsdp, 7 flux (compile "
+        "last: the longest)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny configs and few steps (checks the script)")
     parser.add_argument("--compile-backend", default="inductor")

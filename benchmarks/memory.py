@@ -2,6 +2,7 @@
 checkpointing, measured in separate processes (``ru_maxrss``).
 
     python benchmarks/memory.py [--steps 10 25 50] [--size 256] [--batch 2] [--model tiny-sd]
+    python benchmarks/memory.py --video [--frames 9] [--video-size 256] [--video-steps 10 20 50]
 
 For each chain length N it runs four fresh processes on the same model, prompts and noise:
 ``nograd`` (the baseline: sampling and decoding without gradients), ``plain`` (gradients through all
@@ -15,6 +16,14 @@ baseline. Targets: at N = 50 checkpointed <= 1/4 of plain; for checkpoint, adjoi
 peak(50) / peak(10) <= 1.3 while the plain chain grows about linearly. Last, one ReNO noise update (``vialign.steering.reno``) at
 ``--reno-steps`` (default 4 and 20): target peak(20) / peak(4) <= 1.3. Workers run with
 ``MALLOC_MMAP_THRESHOLD_=65536`` so that RSS tracks live tensors rather than allocator fragmentation.
+
+``--video`` measures a video model the same way (default ``tiny-wan``, ``--frames 9`` at
+``--video-size 256``): the chain (gradients through all N steps and the decode of every frame, each
+step and the decode checkpointed, as DRaFT-K = N) at ``--video-steps`` (default 10 20 50), activation
+= peak - the no-grad run's peak, target peak(50) / peak(10) <= 1.3 (the plain chain alongside); and the
+decoder alone (gradients from the decoded pixels' mean back to the latents, no checkpointing) for
+``frames=[0]`` against every frame, activation = peak - a run that only holds the latents, target
+first / all <= 0.5 (the causal VAE decodes latent frame 0 alone for frame 0).
 """
 
 from __future__ import annotations
@@ -29,7 +38,96 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+VIDEO_MODES = ("video_nograd", "video_plain", "video_checkpoint", "decode_base", "decode_all", "decode_first")
+
+
+def video_worker(args: argparse.Namespace) -> None:
+    """One video measurement (``--mode video_*`` or ``decode_*``) in this fresh process."""
+    import torch
+
+    import pipelines
+    from vialign.sampling import Sampler, rollout_prompts
+
+    torch.manual_seed(0)
+    adapter = pipelines.load_pipeline(args.model, device="cpu", max_sequence_length=32)
+    prompts = [f"a photo of object {i}" for i in range(args.batch)]
+    size, frames = args.size, args.frames
+    if args.mode.startswith("decode_"):
+        shape = (args.batch, *adapter.latent_shape(size, size, frames))
+        latents = torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        loss = latents.sum() * 0
+        if args.mode != "decode_base":
+            subset = [0] if args.mode == "decode_first" else None
+            loss = adapter.decode(latents, frames=subset).mean()
+            loss.backward()
+    else:
+        for param in adapter.denoiser.parameters():
+            param.requires_grad_(args.mode != "video_nograd")
+        schedule = adapter.schedule(args.n, size, size)
+        checkpoint = args.mode == "video_checkpoint"
+        with torch.set_grad_enabled(args.mode != "video_nograd"):
+            trajectory = rollout_prompts(
+                adapter,
+                prompts,
+                range(args.batch),
+                schedule,
+                height=size,
+                width=size,
+                guidance=adapter.make_guidance(args.guidance),
+                sampler=Sampler(sde="flow-sde" if adapter.kind == "flow" else "ddim"),
+                grad_steps=0 if args.mode == "video_nograd" else args.n,
+                checkpoint=checkpoint,
+                num_frames=frames,
+            )
+            loss = adapter.decode(trajectory.final, checkpoint=checkpoint).mean()
+            if args.mode != "video_nograd":
+                loss.backward()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"mode": args.mode, "n": args.n, "peak_mb": peak_mb, "loss": float(loss)}))
+
+
+def video_main(args: argparse.Namespace) -> None:
+    args.model = args.model if args.model != "tiny-sd" else "tiny-wan"
+    args.size = args.video_size
+    print(
+        f"{args.model}, {args.frames} frames at {args.size}x{args.size}, batch {args.batch}, "
+        f"CFG {args.guidance}: "
+        "gradients through all N steps and the decode of every frame; peak RSS per fresh process"
+    )
+    print(f"{'N':>4s} {'no-grad MB':>11s} {'plain +MB':>10s} {'checkpointed +MB':>17s} {'same loss':>10s}")
+    activation: dict[str, dict[int, float]] = {"video_plain": {}, "video_checkpoint": {}}
+    for n in args.video_steps:
+        base = measure(args, "video_nograd", n)
+        runs = {mode: measure(args, mode, n) for mode in activation}
+        for mode, run in runs.items():
+            activation[mode][n] = run["peak_mb"] - base["peak_mb"]
+        plain, ckpt = runs["video_plain"]["loss"], runs["video_checkpoint"]["loss"]
+        same = abs(plain - ckpt) <= 1e-6 * max(1.0, abs(plain))
+        print(
+            f"{n:4d} {base['peak_mb']:11.0f} {activation['video_plain'][n]:10.0f} "
+            f"{activation['video_checkpoint'][n]:17.0f} {str(same):>10s}"
+        )
+    first, last = min(args.video_steps), max(args.video_steps)
+    for mode, values in activation.items():
+        growth = values[last] / values[first] if values[first] > 0 else float("nan")
+        target = (
+            "" if mode == "video_plain" else f" ({'meets' if growth <= 1.3 else 'MISSES'} the <= 1.3 target)"
+        )
+        print(f"{mode:>16s}: activation peak(N={last}) / peak(N={first}) = {growth:.2f}{target}")
+    base = measure(args, "decode_base", 0)["peak_mb"]
+    decode = {mode: measure(args, mode, 0)["peak_mb"] - base for mode in ("decode_all", "decode_first")}
+    ratio = decode["decode_first"] / decode["decode_all"] if decode["decode_all"] > 0 else float("nan")
+    print(
+        f"decoder (gradient to the latents, not checkpointed): +{decode['decode_all']:.0f} MB for all "
+        f"{args.frames} frames, +{decode['decode_first']:.0f} MB for frames=[0]; ratio {ratio:.2f} "
+        f"({'meets' if ratio <= 0.5 else 'MISSES'} the <= 0.5 target)"
+    )
+
+
 def worker(args: argparse.Namespace) -> None:
+    if args.mode in VIDEO_MODES:
+        video_worker(args)
+        return
     import torch
 
     import pipelines
@@ -169,6 +267,8 @@ def measure(args: argparse.Namespace, mode: str, n: int) -> dict:
         str(args.batch),
         "--guidance",
         str(args.guidance),
+        "--frames",
+        str(args.frames),
     ]
     # Large blocks through mmap, so that freed tensors go back to the OS at once: RSS then measures live
     # memory, not glibc's fragmented high-water mark (which otherwise grows with the number of steps).
@@ -190,16 +290,29 @@ def main() -> None:
         "--reno-steps", type=int, nargs=2, default=[4, 20], help="ReNO chain lengths compared (peak ratio)"
     )
     parser.add_argument("--reno-only", action="store_true", help="measure only the ReNO chain lengths")
+    parser.add_argument(
+        "--video",
+        action="store_true",
+        help="a video model instead (default tiny-wan): chain and decoder memory",
+    )
+    parser.add_argument("--frames", type=int, default=9, help="--video: frames per video")
+    parser.add_argument("--video-size", type=int, default=256, help="--video: height and width")
+    parser.add_argument(
+        "--video-steps", type=int, nargs="+", default=[10, 20, 50], help="--video: chain lengths"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--mode",
-        choices=["nograd", "plain", "checkpoint", "adjoint", "draft_plus", "reno"],
+        choices=["nograd", "plain", "checkpoint", "adjoint", "draft_plus", "reno", *VIDEO_MODES],
         help=argparse.SUPPRESS,
     )
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.video:
+        video_main(args)
         return
     print(
         f"{args.model}, {args.size}x{args.size}, batch {args.batch}, CFG {args.guidance}: gradients through all N "

@@ -9,7 +9,8 @@ prediction, the noise schedule, initial noise, VAE decode/encode and LoRA, with 
     >>> schedule = adapter.schedule(num_steps=10, height=64, width=64)
 """
 
-from pipelines.adapter import GeneratorAdapter, Guidance
+from pipelines.adapter import GeneratorAdapter, Guidance, VideoGeneratorAdapter
+from pipelines.cogvideox import CogVideoXAdapter
 from pipelines.embeds import PromptCache, PromptEmbeds
 from pipelines.errors import ModelNotFoundError, PipelineInputError
 from pipelines.flux import FluxAdapter
@@ -19,9 +20,11 @@ from pipelines.schedules import Schedule
 from pipelines.stable_diffusion import StableDiffusionAdapter
 from pipelines.stable_diffusion_3 import StableDiffusion3Adapter
 from pipelines.stable_diffusion_xl import StableDiffusionXLAdapter
+from pipelines.wan import WanAdapter
 
 __all__ = [
     "ADAPTERS",
+    "CogVideoXAdapter",
     "FluxAdapter",
     "GeneratorAdapter",
     "Guidance",
@@ -34,6 +37,8 @@ __all__ = [
     "StableDiffusion3Adapter",
     "StableDiffusionAdapter",
     "StableDiffusionXLAdapter",
+    "VideoGeneratorAdapter",
+    "WanAdapter",
     "builtin_models",
     "convert_prediction",
     "load_pipeline",

@@ -7,9 +7,10 @@ lives here once: prompt caching, classifier-free guidance, initial noise drawn e
 draws it, VAE decode/encode, LoRA in the diffusers format, dtype/device placement and the attention
 backend.
 
-Latents are always the *spatial* VAE latents (``B x C x h x w``; a frame axis for video models), in
-float32: packing (FLUX) and the model's dtype are applied inside :meth:`GeneratorAdapter.predict`
-and undone on the way out, so that step math and log-probs see one layout for every family.
+Latents are always the *spatial* VAE latents (``B x C x h x w``; ``B x C x F x h x w`` with a frame
+axis for video models, see :class:`VideoGeneratorAdapter`), in float32: packing (FLUX) and the model's
+dtype are applied inside :meth:`GeneratorAdapter.predict` and undone on the way out, so that step math
+and log-probs see one layout for every family.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class GeneratorAdapter:
     # shards one by one (FSDP), see :meth:`denoiser_blocks`
     denoiser_block_names: ClassVar[tuple[str, ...]] = ()
     size_multiple_extra: ClassVar[int] = 1  # patch size / packing factor on top of the VAE factor
+    is_video: ClassVar[bool] = False  # video families: latents B x C x F x h x w (VideoGeneratorAdapter)
     default_num_steps: int = 20  # a model folder's vialign.json may set its own
     # components load_pipeline(text_encoders=False) left unloaded, and its from_pretrained options: an
     # export (save_pipeline) reads them again from the source
@@ -129,7 +131,7 @@ class GeneratorAdapter:
         # kept apart from the module: a trainer may replace ``denoiser`` by a wrapped (e.g. DDP) module
         self.denoiser_config = self.denoiser.config
         self.scheduler = stateless_scheduler(components["scheduler"], self.kind)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self._vae_spatial_factor()
         self.prompt_cache = PromptCache(model_id)
         self.cache_prompts = True
         self.compile_options: dict[str, Any] | None = None  # set by compile_for_inference
@@ -139,6 +141,10 @@ class GeneratorAdapter:
             module.requires_grad_(False)
         self.to(device, dtype)
         self.attention = self._set_attention(attention)
+
+    def _vae_spatial_factor(self) -> int:
+        """Pixels per latent along height and width (2 ** the VAE's downsampling blocks)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     # ------------------------------------------------------------------ placement
     @classmethod
@@ -366,12 +372,14 @@ class GeneratorAdapter:
         height: int,
         width: int,
         schedule: Schedule,
+        num_frames: int | None = None,
     ) -> torch.Tensor:
         """x_0 ~ N(0, I) drawn exactly as the stock pipeline draws it for ``generator`` (float32).
 
         A list of generators draws each sample from its own generator, so a sample does not depend on
-        the batch it is drawn in.
+        the batch it is drawn in. ``num_frames`` is for video models only.
         """
+        _refuse_frames(self, "num_frames", num_frames)
         shape = (batch_size, *self.latent_shape(height, width))
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         return noise.float() * schedule.init_noise_scale
@@ -502,9 +510,12 @@ class GeneratorAdapter:
         return convert_prediction(output, latents, alpha, sigma, self.prediction_type)
 
     # ------------------------------------------------------------------ VAE
-    def decode(self, latents: torch.Tensor, *, checkpoint: bool = False) -> torch.Tensor:
+    def decode(
+        self, latents: torch.Tensor, *, checkpoint: bool = False, frames: Sequence[int] | None = None
+    ) -> torch.Tensor:
         """Pixels in [0, 1], float32, ``B x 3 x H x W``; differentiable. ``checkpoint`` recomputes the
-        decoder in the backward pass instead of storing its activations."""
+        decoder in the backward pass instead of storing its activations. ``frames`` is for video models."""
+        _refuse_frames(self, "frames", frames)
         if checkpoint and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(self._decode, latents, use_reentrant=False)
         return self._decode(latents)
@@ -670,6 +681,163 @@ class GeneratorAdapter:
             self.unwrapped_denoiser.enable_adapters()
 
 
+class VideoGeneratorAdapter(GeneratorAdapter):
+    """What video families (``wan.py``, ``cogvideox.py``) share: a frame axis in latents and pixels.
+
+    Latents are ``B x C x F x h x w`` float32 whatever layout the denoiser takes inside ``_forward``;
+    pixels are ``B x F x 3 x H x W`` in [0, 1]. The VAEs compress time causally by ``temporal_factor``
+    (t): latent frame 0 holds pixel frame 0 alone and latent frame i > 0 holds pixel frames
+    t(i-1)+1 ... ti, so a video has ``t k + 1`` frames and ``k + 1`` latent frames. Decoding is causal
+    too, which :meth:`decode` uses to decode only the latent frames that the asked-for frames need.
+    """
+
+    is_video = True
+    default_num_frames: int  # the stock pipeline's num_frames default; a vialign.json may set its own
+    draw_noise_in_float32: ClassVar[bool] = True  # stock x_0 dtype: float32, else the model's dtype
+
+    @property
+    def temporal_factor(self) -> int:
+        """Pixel frames per latent frame (after the first)."""
+        raise NotImplementedError
+
+    def check_frames(self, num_frames: int) -> None:
+        t = self.temporal_factor
+        valid = isinstance(num_frames, int) and not isinstance(num_frames, bool)
+        if valid and num_frames >= 1 and (num_frames - 1) % t == 0:
+            return
+        lower = max(1, (int(num_frames) - 1) // t * t + 1) if valid else 1
+        raise PipelineInputError(
+            f"num_frames={num_frames!r} is not {t}k+1 for this {self.family} model (its VAE keeps the first "
+            f"frame alone and compresses the others {t}x in time); try {lower} or {lower + t}"
+        )
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames of a ``num_frames`` video."""
+        self.check_frames(num_frames)
+        return (num_frames - 1) // self.temporal_factor + 1
+
+    def pixel_frames(self, latent_frames: int) -> int:
+        """Frames of the video that ``latent_frames`` latent frames decode to."""
+        return self.temporal_factor * (latent_frames - 1) + 1
+
+    def latent_index(self, frame: int) -> int:
+        """The latent frame that pixel frame ``frame`` is decoded from (with the ones before it)."""
+        return 0 if frame == 0 else (frame - 1) // self.temporal_factor + 1
+
+    def latent_shape(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, ...]:
+        """Shape of one sample's latent (``C x F x h x w``); ``num_frames`` defaults to ``default_num_frames``."""
+        self.check_size(height, width)
+        frames = self.latent_frames(self.default_num_frames if num_frames is None else num_frames)
+        return (self.latent_channels, frames, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+    def initial_latents(
+        self,
+        generator: torch.Generator | list[torch.Generator] | None,
+        batch_size: int,
+        height: int,
+        width: int,
+        schedule: Schedule,
+        num_frames: int | None = None,
+    ) -> torch.Tensor:
+        """x_0 ~ N(0, I), ``B x C x F x h x w``, drawn exactly as the stock pipeline's ``prepare_latents``
+        draws it for ``generator`` (float32); ``num_frames`` defaults to ``default_num_frames``."""
+        shape = (batch_size, *self.latent_shape(height, width, num_frames))
+        return self._draw_initial_noise(shape, generator).float() * schedule.init_noise_scale
+
+    def _draw_initial_noise(self, shape: tuple[int, ...], generator: Any) -> torch.Tensor:
+        dtype = torch.float32 if self.draw_noise_in_float32 else self.dtype
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+
+    def decode(
+        self, latents: torch.Tensor, *, checkpoint: bool = False, frames: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Video in [0, 1], float32, ``B x F x 3 x H x W``; differentiable. ``checkpoint`` recomputes the
+        decoder in the backward pass instead of storing its activations.
+
+        ``frames``: only these frames (indices into the decoded video, in the order given). The decoder is
+        causal in time, so it runs over the latent frames up to the one the last asked-for frame comes
+        from and no further: ``frames=[0]`` decodes latent frame 0 alone (Wan), frame ``j > 0`` needs latent
+        frames 0 .. (j - 1) // t + 1, rounded up to the VAE's own decoding chunks where it normalises
+        several latent frames together (CogVideoX: [0, 3), then pairs). Time and activation memory grow
+        with the latent frames decoded.
+        """
+        if latents.ndim != 5:
+            raise PipelineInputError(
+                f"decode expects video latents B x C x F x h x w, got shape {tuple(latents.shape)}"
+            )
+        self.check_frames(self.pixel_frames(int(latents.shape[2])))  # e.g. CogVideoX: an odd F only
+        if frames is not None:
+            count = self.pixel_frames(int(latents.shape[2]))
+            frames = list(frames)
+            bad = [f for f in frames if isinstance(f, bool) or int(f) != f or not 0 <= int(f) < count]
+            if not frames or bad:
+                raise PipelineInputError(
+                    f"frames must be indices in 0..{count - 1} of the {count}-frame video these latents decode "
+                    f"to, got {bad[:3] if bad else 'none'}"
+                )
+            frames = [int(f) for f in frames]
+            needed = max(self.latent_index(f) for f in frames) + 1
+            latents = latents[:, :, : self._latent_frames_to_decode(needed, int(latents.shape[2]))]
+        if checkpoint and torch.is_grad_enabled():
+            video = torch.utils.checkpoint.checkpoint(self._decode_video, latents, use_reentrant=False)
+        else:
+            video = self._decode_video(latents)
+        return video if frames is None else video[:, frames]
+
+    def _latent_frames_to_decode(self, needed: int, total: int) -> int:
+        """How many leading latent frames to decode so that the first ``needed`` come out exactly as in a
+        decode of all ``total``: ``needed`` for a VAE that decodes one latent frame at a time (Wan)."""
+        return needed
+
+    def _decode_video(self, latents: torch.Tensor) -> torch.Tensor:
+        z = self._vae_space(latents.to(device=self.device, dtype=self.vae.dtype))
+        video = self.vae.decode(z, return_dict=False)[0]  # B x 3 x F x H x W in [-1, 1]
+        return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous()
+
+    def encode(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, *, sample: bool = True
+    ) -> torch.Tensor:
+        """Latents (float32, ``B x C x F x h x w``) of a video in [0, 1] (``B x F x 3 x H x W``): the VAE
+        posterior's sample, or its mode with ``sample=False``, normalised as the denoiser expects."""
+        if pixels.ndim != 5 or pixels.shape[2] != 3:
+            raise PipelineInputError(
+                f"encode expects videos shaped B x F x 3 x H x W, got {tuple(pixels.shape)}"
+            )
+        if pixels.min() < 0 or pixels.max() > 1:
+            raise PipelineInputError(
+                f"encode expects pixels in [0, 1], got values in [{pixels.min().item():.3f}, {pixels.max().item():.3f}]"
+            )
+        self.check_frames(int(pixels.shape[1]))
+        self.check_size(int(pixels.shape[-2]), int(pixels.shape[-1]))
+        video = (pixels * 2 - 1).permute(0, 2, 1, 3, 4).to(device=self.device, dtype=self.vae.dtype)
+        posterior = self.vae.encode(video).latent_dist
+        return self._model_space((posterior.sample(generator) if sample else posterior.mode()).float())
+
+    def _latent_stats(self, z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        config = self.vae.config
+        view = (1, -1) + (1,) * (z.ndim - 2)
+        scaling = float(config.get("scaling_factor") or 1.0)  # Wan's VAE has none: mean/std only
+        if config.get("latents_mean") is None or config.get("latents_std") is None:
+            return None, None, scaling
+        mean = torch.tensor(config.latents_mean, device=z.device, dtype=z.dtype).view(view)
+        std = torch.tensor(config.latents_std, device=z.device, dtype=z.dtype).view(view)
+        return mean, std, scaling
+
+    def _vae_space(self, z: torch.Tensor) -> torch.Tensor:
+        """The denoiser's (normalised) latents -> the VAE decoder's input."""
+        mean, std, scaling = self._latent_stats(z)
+        if mean is None:
+            return z / scaling
+        return z * std / scaling + mean
+
+    def _model_space(self, z: torch.Tensor) -> torch.Tensor:
+        """The VAE encoder's latents -> the denoiser's (normalised) latents."""
+        mean, std, scaling = self._latent_stats(z)
+        if mean is None:
+            return z * scaling
+        return (z - mean) * scaling / std
+
+
 def _check_prompts(prompts: Sequence[str]) -> list[str]:
     if isinstance(prompts, str):
         raise PipelineInputError("prompts must be a list of strings, got a single string")
@@ -680,6 +848,13 @@ def _check_prompts(prompts: Sequence[str]) -> list[str]:
     if not prompts:
         raise PipelineInputError("no prompts given")
     return prompts
+
+
+def _refuse_frames(adapter: GeneratorAdapter, name: str, value: Any) -> None:
+    if value is not None:
+        raise PipelineInputError(
+            f"{name} is for video models; {adapter.family} generates images: leave {name} unset"
+        )
 
 
 def _xformers_available() -> bool:

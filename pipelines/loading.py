@@ -10,16 +10,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipelines.adapter import GeneratorAdapter, resolve_device, resolve_dtype
+from pipelines.cogvideox import CogVideoXAdapter
 from pipelines.errors import ModelNotFoundError, PipelineInputError
 from pipelines.flux import FluxAdapter
 from pipelines.stable_diffusion import StableDiffusionAdapter
 from pipelines.stable_diffusion_3 import StableDiffusion3Adapter
 from pipelines.stable_diffusion_xl import StableDiffusionXLAdapter
+from pipelines.wan import WanAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,8 @@ ADAPTERS: dict[str, type[GeneratorAdapter]] = {
     "StableDiffusionXLPipeline": StableDiffusionXLAdapter,
     "StableDiffusion3Pipeline": StableDiffusion3Adapter,
     "FluxPipeline": FluxAdapter,
+    "WanPipeline": WanAdapter,
+    "CogVideoXPipeline": CogVideoXAdapter,
 }
 BUILTIN_PREFIX = "tiny-"
 # Shipped pretrained testbed models (assets/shapeworld, installed as the package vialign_assets).
@@ -107,6 +112,100 @@ def read_model_index(path_or_id: str) -> dict[str, Any]:
         ) from error
 
 
+@dataclass(frozen=True)
+class ModelPreview:
+    """What a model's id and its small JSON files tell before any weight is read (:func:`preview_model`)."""
+
+    adapter_class: type[GeneratorAdapter]
+    defaults: dict[str, Any]  # its vialign.json ({} for built-ins and hub ids)
+    # a stand-in of the adapter on which the class's own check_size / check_frames / latent_frames run
+    # from the VAE's and the denoiser's config.json alone; None where those could not be read
+    checks: GeneratorAdapter | None
+
+    @property
+    def family(self) -> str:
+        return self.adapter_class.family
+
+    @property
+    def is_video(self) -> bool:
+        return self.adapter_class.is_video
+
+    @property
+    def default_num_frames(self) -> int | None:
+        if not self.is_video:
+            return None
+        return int(self.defaults.get("num_frames", self.adapter_class.default_num_frames))
+
+
+def _json_file(path: str | None) -> dict[str, Any] | None:
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        value = json.load(f)
+    return value if isinstance(value, dict) else None
+
+
+def _config_stand_in(cls: type[GeneratorAdapter], vae: dict | None, denoiser: dict | None) -> Any:
+    """An instance of ``cls`` that holds only the two configs (no __init__, no weights): enough for the
+    config-reading checks of the adapter, and the same code as the loaded adapter runs."""
+    if vae is None or denoiser is None:
+        return None
+    from types import SimpleNamespace
+
+    from diffusers.configuration_utils import FrozenDict
+
+    stand_in = object.__new__(cls)
+    stand_in.vae = SimpleNamespace(config=FrozenDict(vae))
+    stand_in.denoiser_config = FrozenDict(denoiser)
+    stand_in.vae_scale_factor = stand_in._vae_spatial_factor()
+    return stand_in
+
+
+def preview_model(path_or_id: str) -> ModelPreview | None:
+    """:class:`ModelPreview` of a built-in, a shipped model, a local pipeline folder, or a hub id whose files
+    are in the local Hugging Face cache, read without loading weights and without the network; None when
+    the family cannot be told that way (loading the model then checks everything, or says why it cannot)."""
+    try:
+        if path_or_id.startswith(BUILTIN_PREFIX) and not os.path.exists(path_or_id):
+            from pipelines import tiny
+
+            family = path_or_id[len(BUILTIN_PREFIX) :]
+            if family not in tiny.FAMILIES:
+                return None  # load_pipeline names the built-ins
+            cls = adapter_class(tiny.pipeline_class(family).__name__)
+            pipe = tiny.build(family)  # tiny: built in well under a second
+            denoiser = getattr(pipe, cls.denoiser_name)
+            checks = _config_stand_in(cls, dict(pipe.vae.config), dict(denoiser.config))
+            return ModelPreview(cls, {}, checks)
+        if path_or_id in SHIPPED or os.path.isdir(path_or_id):
+            folder = shipped_model_path(path_or_id) if path_or_id in SHIPPED else path_or_id
+            cls = adapter_class(str(read_model_index(folder).get("_class_name")))
+
+            def config(name: str) -> dict | None:
+                return _json_file(os.path.join(folder, name, "config.json"))
+
+            defaults = model_defaults(path_or_id)
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            def cached(file: str) -> str | None:
+                found = try_to_load_from_cache(path_or_id, file)
+                return found if isinstance(found, str) else None
+
+            index = _json_file(cached("model_index.json"))
+            if index is None:
+                return None
+            cls = adapter_class(str(index.get("_class_name")))
+
+            def config(name: str) -> dict | None:
+                return _json_file(cached(f"{name}/config.json"))
+
+            defaults = {}
+        return ModelPreview(cls, defaults, _config_stand_in(cls, config("vae"), config(cls.denoiser_name)))
+    except Exception:  # noqa: BLE001 - not knowable before loading: load_pipeline checks, or says why not
+        return None
+
+
 def text_component_names(cls: type[GeneratorAdapter]) -> list[str]:
     """The text encoders of an adapter class and their tokenizers, as pipeline component names."""
     names = []
@@ -172,13 +271,14 @@ def load_pipeline(
 
     Args:
         path_or_id: a local diffusers pipeline folder, a Hugging Face hub id, or a built-in tiny model
-            (``tiny-sd``, ``tiny-sd-v``, ``tiny-sd-euler``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``).
+            (``tiny-sd``, ``tiny-sd-v``, ``tiny-sd-euler``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``,
+            ``tiny-wan``, ``tiny-cogvideox``).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         dtype: compute dtype of the denoiser and text encoders (``float32``, ``bfloat16``, ``float16``).
         attention: ``auto`` (xformers on CUDA when installed, else torch SDPA), ``sdpa`` or ``xformers``.
         lora: a folder (or file) of diffusers-format LoRA weights to load onto the denoiser.
         use_t5: SD3 only; ``False`` loads the pipeline without its T5 encoder (zeros in its place).
-        max_sequence_length: T5 tokens for SD3 (default 256) and FLUX (default 512).
+        max_sequence_length: T5 tokens for SD3 (default 256), FLUX and Wan (default 512), CogVideoX (226).
         clip_skip: use an earlier CLIP layer (SD, SDXL, SD3), as the stock pipelines' ``clip_skip``.
         revision, variant: passed to ``from_pretrained`` (e.g. ``variant="fp16"``).
         text_encoders: ``False`` loads neither the text encoders nor the tokenizers (they are never read
@@ -247,6 +347,8 @@ def load_pipeline(
     if "guidance_scale" in defaults:
         adapter.default_guidance_scale = float(defaults["guidance_scale"])
     adapter.default_num_steps = int(defaults.get("num_steps", adapter.default_num_steps))
+    if adapter.is_video and "num_frames" in defaults:
+        adapter.default_num_frames = int(defaults["num_frames"])
     if lora is not None:
         adapter.load_lora(lora)
     return adapter

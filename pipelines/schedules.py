@@ -12,7 +12,8 @@ The scheduler object is only asked for its timesteps once (``set_timesteps`` on 
 never stepped, so nothing here keeps a step counter. Which schedulers are reproduced exactly:
 
 * ``DDIMScheduler``: timesteps and the "previous timestep" rule of ``DDIMScheduler.step``
-  (``t - num_train_timesteps // N``, ``final_alpha_cumprod`` below zero).
+  (``t - num_train_timesteps // N``, ``final_alpha_cumprod`` below zero). ``CogVideoXDDIMScheduler``
+  (CogVideoX) is the same update on its own SNR-shifted ``alphas_cumprod``.
 * ``EulerDiscreteScheduler``: its sigmas (any spacing, Karras/exponential/beta sigmas). Euler in
   sigma space is exactly DDIM in the variance-preserving space with ``alpha_bar = 1 / (1 + sigma^2)``,
   so the same step functions reproduce it; ``init_noise_scale`` carries Euler's initial-noise factor.
@@ -21,7 +22,9 @@ never stepped, so nothing here keeps a step counter. Which schedulers are reprod
 
 Any other UNet scheduler (PNDM, LMS, DPM-Solver, ...) is replaced by a ``DDIMScheduler`` built from its
 config (same betas, spacing and prediction type), and any other flow scheduler by
-``FlowMatchEulerDiscreteScheduler``; :func:`stateless_scheduler` says so in a warning.
+``FlowMatchEulerDiscreteScheduler``; :func:`stateless_scheduler` says so in a warning. A flow-prediction
+``UniPCMultistepScheduler`` (what Wan2.1 ships) becomes flow Euler at its ``flow_shift``: the same
+shifted noise levels, on flow Euler's own grid of steps.
 """
 
 from __future__ import annotations
@@ -31,13 +34,18 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import (
+    CogVideoXDDIMScheduler,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
 
 from pipelines.errors import PipelineInputError
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_DIFFUSION_SCHEDULERS = (DDIMScheduler, EulerDiscreteScheduler)
+SUPPORTED_DIFFUSION_SCHEDULERS = (DDIMScheduler, EulerDiscreteScheduler, CogVideoXDDIMScheduler)
 SUPPORTED_FLOW_SCHEDULERS = (FlowMatchEulerDiscreteScheduler,)
 
 
@@ -72,14 +80,20 @@ def stateless_scheduler(scheduler: Any, kind: Literal["flow", "diffusion"]) -> A
         fresh = type(scheduler).from_config(scheduler.config)
     else:
         replacement = FlowMatchEulerDiscreteScheduler if kind == "flow" else DDIMScheduler
+        if kind == "diffusion" and scheduler.config.get("snr_shift_scale") is not None:
+            replacement = CogVideoXDDIMScheduler  # CogVideoXDPMScheduler: keep the SNR-shifted schedule
+        changes = {}
+        if kind == "flow" and scheduler.config.get("flow_shift") is not None:  # UniPC/DPM-Solver flow sigmas
+            changes["shift"] = float(scheduler.config.flow_shift)
         logger.warning(
             "The checkpoint's scheduler is %s; vialign's samplers reproduce %s, so it samples with %s "
-            "built from the same config (same training schedule, spacing and prediction type).",
+            "built from the same config (same training schedule, spacing and prediction type%s).",
             type(scheduler).__name__,
             ", ".join(c.__name__ for c in supported),
             replacement.__name__,
+            f"; shift={changes['shift']} from its flow_shift" if changes else "",
         )
-        fresh = replacement.from_config(scheduler.config)
+        fresh = replacement.from_config(scheduler.config, **changes)
     if kind == "flow" and fresh.config.get("stochastic_sampling", False):
         raise PipelineInputError(
             "FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) is not an ODE sampler; vialign adds "
@@ -115,7 +129,7 @@ def schedule_from_scheduler(scheduler: Any, num_steps: int, **set_timesteps_kwar
         raise PipelineInputError(
             f"num_steps={num_steps} exceeds the model's {fresh.config.num_train_timesteps} training timesteps"
         )
-    if isinstance(fresh, DDIMScheduler):
+    if isinstance(fresh, (DDIMScheduler, CogVideoXDDIMScheduler)):
         fresh.set_timesteps(num_steps, device="cpu")
         timesteps = fresh.timesteps.cpu()
         _check_timesteps(timesteps, fresh, num_steps)
@@ -131,7 +145,7 @@ def schedule_from_scheduler(scheduler: Any, num_steps: int, **set_timesteps_kwar
             timesteps=timesteps.to(torch.float32),
             alphas=alpha_bars.sqrt(),
             sigmas=(1.0 - alpha_bars).sqrt(),
-            scheduler="DDIMScheduler",
+            scheduler=type(fresh).__name__,
         )
     if isinstance(fresh, EulerDiscreteScheduler):
         fresh.set_timesteps(num_steps, device="cpu")

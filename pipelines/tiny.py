@@ -1,14 +1,17 @@
 """Tiny random pipelines of every family, built offline from configs in code.
 
-They are real diffusers pipelines (the same classes as SD 1.5, SDXL, SD3 and FLUX, a few hundred
-thousand parameters each), so tests and the quickstart exercise the real code paths:
+They are real diffusers pipelines (the same classes as SD 1.5, SDXL, SD3, FLUX and Wan2.1, a few
+hundred thousand parameters each, tens of thousands for Wan), so tests and the quickstart exercise the real code paths:
 ``build("sd3").save_pretrained(dir)`` then ``pipelines.load_pipeline(dir)`` is the loading code a
 real checkpoint goes through. Tokenizers are built in code too: CLIP's from the real BPE vocabulary
 that ``open_clip`` ships, T5's as a small Unigram vocabulary. Weights are seeded, so a given
 ``(family, seed)`` always gives the same model. Every module is ``.eval()``-ed.
 
 Names accepted by :func:`pipelines.load_pipeline`: ``tiny-sd``, ``tiny-sd-v`` (v-prediction, like
-SD 2.x), ``tiny-sd-euler``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``.
+SD 2.x), ``tiny-sd-euler``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-wan`` (text-to-video;
+it ships ``FlowMatchEulerDiscreteScheduler(shift=3)`` where real Wan2.1 checkpoints ship UniPC, so the
+stock pipeline loaded from its folder samples exactly as vialign does), ``tiny-cogvideox`` (text-to-video,
+CogVideoX-5B's rotary embeddings and CogVideoX-2B's scheduler config).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("sd", "sd-v", "sd-euler", "sdxl", "sd3", "flux")
+FAMILIES = ("sd", "sd-v", "sd-euler", "sdxl", "sd3", "flux", "wan", "cogvideox")
 TINY_IMAGE_SIZE = 64  # pixels; latents are 8 x 8 with the x8 VAE below
 
 # SD 1.5's scheduler config (scheduler_config.json of runwayml/stable-diffusion-v1-5, as DDIM).
@@ -122,6 +125,110 @@ def _t5_encoder(d_model: int, vocab_size: int) -> Any:
         pad_token_id=0,
     )
     return T5EncoderModel(config)
+
+
+def _umt5_encoder(d_model: int, vocab_size: int) -> Any:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    return UMT5EncoderModel(config)
+
+
+def _wan_components() -> dict[str, Any]:
+    """Wan2.1's architecture at toy width: 1x2x2 patches, UMT5 text, a causal 3D VAE (x8 space, x4 time)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    tokenizer = t5_tokenizer()
+    return dict(
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=_umt5_encoder(32, len(tokenizer)),
+        tokenizer=tokenizer,
+        transformer_2=None,
+    )
+
+
+def _cogvideox_components() -> dict[str, Any]:
+    """CogVideoX 1.0 at toy width: 2x2 patches, T5 text, a causal 3D VAE (x8 space, x4 time)."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=8,
+        text_embed_dim=32,
+        num_layers=2,
+        sample_width=4,
+        sample_height=4,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=226,
+        use_rotary_positional_embeddings=True,  # as CogVideoX-5B
+    )
+    vae = AutoencoderKLCogVideoX(
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+        sample_height=32,
+        sample_width=32,
+    )
+    # THUDM/CogVideoX-2b's scheduler_config.json
+    scheduler = CogVideoXDDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        set_alpha_to_one=True,
+        snr_shift_scale=3.0,
+        steps_offset=0,
+        timestep_spacing="trailing",
+    )
+    tokenizer = t5_tokenizer()
+    return dict(
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        text_encoder=_t5_encoder(32, len(tokenizer)),
+        tokenizer=tokenizer,
+    )
 
 
 def _vae(latent_channels: int = 4, **config: Any) -> Any:
@@ -248,6 +355,10 @@ def tiny_components(family: str, seed: int = 0) -> dict[str, Any]:
             image_encoder=None,
             feature_extractor=None,
         )
+    elif family == "wan":
+        components = _wan_components()
+    elif family == "cogvideox":
+        components = _cogvideox_components()
     else:  # flux
         transformer = FluxTransformer2DModel(
             patch_size=1,
@@ -292,10 +403,12 @@ def tiny_components(family: str, seed: int = 0) -> dict[str, Any]:
 
 def pipeline_class(family: str) -> type:
     from diffusers import (
+        CogVideoXPipeline,
         FluxPipeline,
         StableDiffusion3Pipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
+        WanPipeline,
     )
 
     return {
@@ -305,6 +418,8 @@ def pipeline_class(family: str) -> type:
         "sdxl": StableDiffusionXLPipeline,
         "sd3": StableDiffusion3Pipeline,
         "flux": FluxPipeline,
+        "wan": WanPipeline,
+        "cogvideox": CogVideoXPipeline,
     }[family]
 
 

@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rewards import clip, imagereward, programmatic, shapeworld, video, vlm
+from rewards import clip, imagereward, programmatic, shapeworld, shapeworld_video, video, vlm
 from rewards.base import Reward, RewardInfo
 from rewards.errors import RewardInputError
 from rewards.pairwise import PairwiseReward
@@ -54,6 +54,9 @@ REGISTRY: dict[str, Entry] = {
     ),
     "shapeworld-oracle": Entry(shapeworld.ShapeWorldOracle.info, _fixed(shapeworld.ShapeWorldOracle)),
     "shapeworld-clip": Entry(shapeworld.ShapeWorldCLIP.info, shapeworld.load_shapeworld_clip),
+    "shapeworld-video-oracle": Entry(
+        shapeworld_video.ShapeWorldVideoOracle.info, _fixed(shapeworld_video.ShapeWorldVideoOracle)
+    ),
     "temporal-consistency": Entry(video.TemporalConsistency.info, video.load_temporal_consistency),
 }
 

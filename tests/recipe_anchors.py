@@ -442,4 +442,5 @@ DERIVED = {
     "grpo_sdxl": "DanceGRPO",
     "draft_sdxl": "DRaFT has no published code",
     "adjoint_matching_flux": "soc-fine-tuning-sd",
+    "dance_grpo_wan21": "DanceGRPO",
 }

@@ -66,7 +66,7 @@ def test_flags_then_overrides_precedence():
             "sampler.num_stepz=3",
             "sampler.num_stepz: unknown key; allowed keys here: guidance_scale, kind, negative_prompt",
         ),
-        ("modle.path=x", "modle: unknown key; allowed keys here: batch_size, height, model"),
+        ("modle.path=x", "modle: unknown key; allowed keys here: batch_size, fps, height, model"),
         ("sampler.num_steps=0", "sampler.num_steps: Input should be greater than or equal to 1 (got 0)"),
         ("sampler.num_steps=ten", "sampler.num_steps: Input should be a valid integer"),
         ("sampler.kind=langevin", "sampler.kind: Input should be 'ode' or 'sde' (got 'langevin')"),

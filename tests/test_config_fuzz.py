@@ -491,7 +491,7 @@ FLAGS = {  # command -> flag -> config key
     "train": {},
 }
 SCHEMA_OF = {"sample": SampleConfig, "score": ScoreConfig, "eval": EvalConfig, "train": TrainConfig}
-SWITCHES = {"--overwrite", "--resume", "--compile"}  # flags without a value
+SWITCHES = {"--overwrite", "--resume", "--compile", "--save-frames"}  # flags without a value
 BAD_FLAG_VALUES = [
     "abc", "-5", "1.5", "0", "", "nan", "inf", "1e30", "[1, 2]", "{a: 1}", "null", "true",
     "99999999999999999999999", "-1", "cuda:x", "a: b",

@@ -141,6 +141,7 @@ def test_shipped_pairs_never_hold_an_eval_prompt():
     assert len(data.pairs) == 587 and not prompts & set(sw.eval_prompts())  # 705 shipped, 118 on eval prompts
 
 
+@pytest.mark.slow
 def test_implicit_accuracy_rises_on_held_back_pairs(tmp_path, quiet_libraries):
     """A short offline Flow-DPO run on the testbed (its preset, 300 steps) trained on four fifths of the
     shipped pairs: on the fifth held back, at fixed noise and t, the margin (e_w - e_l) - (e_w_ref -

@@ -46,6 +46,7 @@ def max_difference(
     return max(float((a[k] - b[k]).abs().max()) for k in a if k.startswith(prefixes))
 
 
+@pytest.mark.slow
 @needs_fsdp
 def test_fsdp_two_processes_equal_one(tmp_path, tiny_dir):
     """accelerate launch with 2 processes and the tiny SD3 transformer sharded over them (FSDP2 per
@@ -135,6 +136,7 @@ def test_fsdp_two_processes_equal_one(tmp_path, tiny_dir):
         assert names and all(torch.equal(exported[n], two[f"ema.{n}"]) for n in names)
 
 
+@pytest.mark.slow
 @needs_fsdp
 def test_fsdp_blocks_of_each_family(tmp_path):
     """The SD and SDXL UNets (down, mid and up blocks) and FLUX (double and single transformer blocks)

@@ -26,7 +26,7 @@ TRAIN_PRESETS = sorted(
     for p in (ROOT / "configs").glob("*.yaml")
     if "algorithm:" in p.read_text() and not p.stem.startswith(("quickstart", "hacking", "eval_", "sample_"))
 )
-FAMILY = {"sd15": "sd", "sdxl": "sdxl", "sd35": "sd3", "flux": "flux"}
+FAMILY = {"sd15": "sd", "sdxl": "sdxl", "sd35": "sd3", "flux": "flux", "wan21": "wan"}
 
 
 def preset(name: str, *overrides: str) -> TrainConfig:
@@ -89,6 +89,7 @@ STAND_INS = {  # prompt sets fetched by `vialign prompts get`: a tiny file of th
     "pickscore_train": ("pickscore_train.txt", "a cat on a sofa\na red car\nan old castle\n"),
     "hpdv2": ("hpdv2.txt", "a cat on a sofa\n\u4e00\u4e2a\u732b\na red car\nan old castle\n"),
     "refl": ("refl.json", json.dumps([{"text": t, "image": "x"} for t in ("a cat", "a dog", "a house")])),
+    "dancegrpo_video": ("dancegrpo_video.txt", "a cat running\na red car driving\nwaves on a beach\n"),
 }
 SMALL = {
     "grpo": lambda s: [
@@ -159,6 +160,8 @@ def test_every_preset_trains_one_step_on_a_tiny_model_of_its_family(
     ]
     if config.model.max_sequence_length:
         overrides.append("model.max_sequence_length=16")
+    if config.model.num_frames:
+        overrides.append("model.num_frames=9")
     if config.algorithm == "dpo":
         regularizer_images(tmp_path / "images")
         overrides.append(f"data.train={tmp_path / 'images' / 'preferences.jsonl'}")

@@ -3,8 +3,12 @@ per-step checkpointing gives the same gradients as the plain chain."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pipelines
 from vialign.sampling import Sampler, rollout_prompts, trajectory_log_probs
@@ -98,15 +102,30 @@ def test_sde_samples_do_not_depend_on_the_batch(adapters):
     assert torch.equal(together.log_probs[2:3], alone.log_probs)
 
 
-def _chain_gradients(adapter, sampler, checkpoint: bool, grad_steps: int) -> dict[str, torch.Tensor]:
+def _chain_gradients(
+    adapter, sampler, checkpoint, grad_steps: int, backward_mode=None
+) -> dict[str, torch.Tensor]:
     adapter.denoiser.zero_grad(set_to_none=True)
     trajectory = _rollout(
         adapter, sampler, num_steps=5, grad_steps=grad_steps, checkpoint=checkpoint, prompts=PROMPTS[:2]
     )
-    pixels = adapter.decode(trajectory.final, checkpoint=checkpoint)
+    pixels = adapter.decode(trajectory.final, checkpoint=False)
     weights = torch.linspace(-1, 1, pixels.numel()).reshape(pixels.shape)  # a loss that touches every pixel
-    (pixels * weights).sum().backward()
+    with backward_mode or contextlib.nullcontext():
+        (pixels * weights).sum().backward()
     return {n: p.grad.clone() for n, p in adapter.denoiser.named_parameters() if p.grad is not None}
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops run inside it (here: during the backward pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize(
@@ -125,6 +144,41 @@ def test_checkpointed_chain_gives_the_plain_chains_gradients(adapters, model, sa
     assert any(g.abs().sum() > 0 for g in plain.values())
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-flux"])
+def test_selective_recompute_gives_the_plain_gradients_without_recomputing_products(model):
+    """``checkpoint="selective"``: the backward pass re-runs none of the forward's convolutions or matrix
+    products (full recompute re-runs every one of them) and the gradients equal the plain chain's."""
+    adapter = pipelines.load_pipeline(model, device="cpu")
+    for param in adapter.denoiser.parameters():
+        param.requires_grad_(True)
+    sampler = Sampler(sde="ddim" if adapter.kind == "diffusion" else "flow-sde")
+    counters = {mode: _OpCounter() for mode in (False, True, "selective")}
+    grads = {
+        mode: _chain_gradients(adapter, sampler, mode, grad_steps=5, backward_mode=counter)
+        for mode, counter in counters.items()
+    }
+    products = ("convolution", "mm", "addmm", "bmm", "baddbmm")
+    recomputed = {mode: sum(c.counts[op] for op in products) for mode, c in counters.items()}
+    with _OpCounter() as forward:
+        with torch.no_grad():
+            _rollout(adapter, sampler, num_steps=5, prompts=PROMPTS[:2])
+    forward_products = sum(forward.counts[op] for op in products)
+    assert forward_products > 0
+    # the plain backward runs products of its own (a linear layer's gradients are matrix products)
+    assert recomputed[True] - recomputed[False] == forward_products, "full recompute re-runs each forward"
+    assert recomputed["selective"] == recomputed[False], "selective recompute re-runs none of them"
+    assert counters["selective"].counts.total() < counters[True].counts.total()
+    for name in grads[False]:
+        torch.testing.assert_close(
+            grads["selective"][name], grads[False][name], rtol=1e-6, atol=1e-6, msg=name
+        )
+
+
+def test_unknown_checkpoint_mode_is_refused(adapters):
+    with pytest.raises(ValueError, match="selective"):
+        _rollout(adapters("tiny-sd3"), Sampler(), num_steps=2, grad_steps=1, checkpoint="sometimes")
 
 
 def test_no_grad_steps_keep_no_graph(adapters):

@@ -43,6 +43,9 @@ SAMPLE_FLAGS = {
     "noise_level": ("sampler.noise_level", "--noise-level"),
     "height": ("height", "--height"),
     "width": ("width", "--width"),
+    "num_frames": ("num_frames", "--num-frames"),
+    "fps": ("fps", "--fps"),
+    "save_frames": ("save_frames", "--save-frames"),
     "seed": ("seed", "--seed"),
     "batch_size": ("batch_size", "--batch-size"),
     "out": ("out", "--out"),
@@ -67,13 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser(
         "sample",
-        help="generate images (PNG + samples.jsonl)",
-        description="Generate one PNG per prompt (image i uses seed S+i) and DIR/samples.jsonl. "
-        "Any config key can also be set as key=value, e.g. sampler.num_steps=20.",
+        help="generate images or videos (PNG or MP4 + samples.jsonl)",
+        description="Generate one PNG per prompt (image i uses seed S+i), or one MP4 for a video model, and "
+        "DIR/samples.jsonl. Any config key can also be set as key=value, e.g. sampler.num_steps=20.",
     )
     sample.add_argument("--config", help="YAML config (keys: see configs/sample_tiny.yaml)")
     sample.add_argument(
-        "--model", help="diffusers folder, hub id, or built-in tiny-sd/-sdxl/-sd3/-flux (default tiny-sd3)"
+        "--model",
+        help="diffusers folder, hub id, or built-in tiny-sd/-sdxl/-sd3/-flux, video: tiny-wan/-cogvideox "
+        "(default shapeworld)",
     )
     sample.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     sample.add_argument(
@@ -87,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--negative-prompt", help="negative prompt")
     sample.add_argument("--height", help="image height in pixels (default: the model's)")
     sample.add_argument("--width", help="image width in pixels (default: the model's)")
+    sample.add_argument(
+        "--num-frames",
+        help="video models: frames per video, 4k+1 (Wan) or 8k+1 (CogVideoX); default the model's (81, 49)",
+    )
+    sample.add_argument(
+        "--fps", help="video models: frame rate of the MP4s (default 16 for Wan, 8 for CogVideoX)"
+    )
+    sample.add_argument(
+        "--save-frames",
+        action="store_const",
+        const=True,
+        help="video models: also write each video's frames as lossless PNGs in DIR/NNNNN_frames/",
+    )
     sample.add_argument("--seed", help="seed of the first image (default 0)")
     sample.add_argument("--sampler", help="ode (default) or sde")
     sample.add_argument("--sde-kind", help="ddim (UNet models) | flow-sde | dance-sde | cps (flow models)")
@@ -433,10 +451,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise
     if not report.main_process:  # under accelerate launch / torchrun the main process reports
         return 0
-    print(
-        f"wrote {len(report.files)} images ({report.width}x{report.height}) and "
-        f"{report.out / 'samples.jsonl'}"
-    )
+    if report.num_frames is not None:
+        what = f"videos ({report.width}x{report.height}, {report.num_frames} frames at {report.fps} fps)"
+    else:
+        what = f"images ({report.width}x{report.height})"
+    print(f"wrote {len(report.files)} {what} and {report.out / 'samples.jsonl'}")
     return 0
 
 

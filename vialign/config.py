@@ -302,7 +302,7 @@ class SteerConfig(StrictModel):
 
 
 class SampleConfig(StrictModel):
-    """``vialign sample``: generate PNGs and a samples.jsonl index."""
+    """``vialign sample``: generate PNGs (image models) or MP4s (video models) and a samples.jsonl index."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
@@ -312,6 +312,24 @@ class SampleConfig(StrictModel):
     )
     height: int | None = Field(None, ge=8, le=8192, description="image height in pixels; default the model's")
     width: int | None = Field(None, ge=8, le=8192, description="image width in pixels; default the model's")
+    num_frames: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="video models only: frames per video (Wan 4k+1, CogVideoX 8k+1); default the model's "
+        "(Wan 81, CogVideoX 49, or num_frames in its vialign.json)",
+    )
+    fps: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="video models only: frame rate of the MP4s; default 16 (Wan), 8 (CogVideoX) or fps in the "
+        "model's vialign.json",
+    )
+    save_frames: bool = Field(
+        False,
+        description="video models only: also write each video's frames as lossless PNGs in NNNNN_frames/",
+    )
     seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of the first image")
     batch_size: int = Field(4, ge=1, le=4096, description="images per denoiser batch")
     out: str = Field("samples", description="output folder")
@@ -403,7 +421,8 @@ class DataConfig(StrictModel):
         "shapeworld:align",
         description="text file (one prompt per line), JSONL with a prompt column, hf:NAME[:SPLIT] "
         "(a Hugging Face dataset) or a saved dataset folder; built-ins shapeworld:align, shapeworld:eval, "
-        "shapeworld:train, shapeworld:held_out, shapeworld:all. Preference algorithms (dpo): a .jsonl/.csv of "
+        "shapeworld:train, shapeworld:held_out, shapeworld:all; shapeworld-video:align, :eval, :train, "
+        ":held_out, :all (video models). Preference algorithms (dpo): a .jsonl/.csv of "
         "prompt, chosen, rejected, hf:NAME[:SPLIT] in the Pick-a-Pic v2 schema, or shapeworld:preferences",
     )
     eval: str | None = Field(
@@ -536,6 +555,19 @@ class TrainEvalConfig(StrictModel):
     batch_size: int = Field(64, ge=1, le=4096, description="images per sampling batch")
 
 
+class TrainModelConfig(ModelConfig):
+    """``model`` of a training config: the generator, and a video model's frames per video."""
+
+    num_frames: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="video models only: frames per training and evaluation video (Wan 4k+1, CogVideoX "
+        "8k+1); default the model's (Wan 81, CogVideoX 49, or num_frames in its vialign.json); an error for "
+        "image models",
+    )
+
+
 class TrainConfig(StrictModel):
     """``vialign train``: align a generator with rewards.
 
@@ -549,7 +581,7 @@ class TrainConfig(StrictModel):
     algorithm: str = Field(
         "grpo", description="a registered algorithm: grpo, draft, alignprop, refl, adjoint_matching, ..."
     )
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: TrainModelConfig = Field(default_factory=TrainModelConfig)
     output_dir: str = Field("runs/train", description="metrics, TensorBoard logs, checkpoints, final weights")
     overwrite: bool = Field(False, description="start over in an output_dir that holds an earlier run")
     seed: int = Field(0, ge=0, le=2**62, description="seeds prompts, noise and step choice")

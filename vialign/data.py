@@ -5,6 +5,7 @@ load_prompts("prompts.jsonl", "caption")    # one JSON object per line, the prom
 load_prompts("hf:org/name:train")           # datasets.load_dataset("org/name", split="train")
 load_prompts("data/saved_dataset")          # datasets.load_from_disk(...)
 load_prompts("shapeworld:align")            # a testbed prompt set: align, eval, train, held_out, all
+load_prompts("shapeworld-video:align")      # the video testbed's sets (rewards.shapeworld_video)
 load_prompts("prompts:simple_animals")      # a published recipe's prompts (vialign.prompt_data)
 load_prompts("prompts.json", "text")        # a JSON array of objects, the prompt in "text"
 """
@@ -47,14 +48,15 @@ def load_prompts(spec: str, column: str = "prompt") -> list[str]:
         entry = prompt_set(spec.removeprefix("prompts:"))
         path = prompt_file(spec.removeprefix("prompts:"))
         prompts = select_prompts(entry, read_prompt_file(path, entry.column))
-    elif spec.startswith("shapeworld:"):
-        from rewards import shapeworld as sw
+    elif spec.startswith(("shapeworld:", "shapeworld-video:")):
+        from rewards import shapeworld, shapeworld_video
 
-        name = spec.removeprefix("shapeworld:")
-        if name not in sw.PROMPT_SETS:
-            choices = ", ".join(f"shapeworld:{n}" for n in sw.PROMPT_SETS)
+        prefix, _, name = spec.partition(":")
+        sets = (shapeworld if prefix == "shapeworld" else shapeworld_video).PROMPT_SETS
+        if name not in sets:
+            choices = ", ".join(f"{prefix}:{n}" for n in sets)
             raise VialignInputError(f"unknown built-in prompt set {spec!r}; choose {choices}")
-        prompts = sw.PROMPT_SETS[name]()
+        prompts = sets[name]()
     elif spec.startswith("hf:"):
         datasets = _require_datasets(spec)
         name, _, split = spec[3:].partition(":")

@@ -9,6 +9,8 @@ overall, per attribute and per prompt, with standard errors over seeds, the mean
 reward asked for; ``clip_diversity``: mean pairwise cosine distance of the tiny CLIP's image embeddings
 within a prompt; ``pixel_diversity``: mean pairwise RMS pixel distance within a prompt, the measure
 ``vialign train`` logs as ``eval/pixel_diversity``) and ``DIR/grid.png`` (rows: prompts, columns: seeds).
+Image models only: a video model is refused (before it loads, when its family is known from its name or
+``model_index.json``) with the way to evaluate it instead.
 """
 
 from __future__ import annotations
@@ -45,6 +47,15 @@ def eval_prompts(spec: str) -> list[str]:
     return prompts
 
 
+def video_refusal(path: str, family: str) -> str:
+    return (
+        f"vialign eval judges ShapeWorld images with the image oracle, and {path} is a {family} video model: "
+        "evaluate videos in vialign train (data.eval: shapeworld-video:eval, eval.rewards: "
+        "[shapeworld-video-oracle]; its grids show each video's first, middle and last frames), or sample "
+        "them with vialign sample and score the MP4s with vialign score"
+    )
+
+
 def run_eval(config: EvalConfig) -> dict:
     import rewards
     from vialign.testbed import evaluate
@@ -58,7 +69,14 @@ def run_eval(config: EvalConfig) -> dict:
     prompts = eval_prompts(config.prompts)
     extra = {name: rewards.load_reward(name) for name in config.rewards}
     model = config.model
+    from pipelines.loading import preview_model
+
+    preview = preview_model(model.path)
+    if preview is not None and preview.is_video:  # known before loading: refused without loading it
+        raise VialignInputError(video_refusal(model.path, preview.family))
     adapter = load_model(model)
+    if adapter.is_video:
+        raise VialignInputError(video_refusal(model.path, adapter.family))
     settings = config.sampler
     sampler = Sampler()
     if settings.kind == "sde":

@@ -118,6 +118,16 @@ PROMPT_SETS: dict[str, PromptSet] = {
         "Apache-2.0 (DanceGRPO; HPDv2: Apache-2.0)",
         rule="dancegrpo",
     ),
+    "dancegrpo_video": PromptSet(
+        "50,000 video prompts of DanceGRPO's HunyuanVideo recipe (assets/video_prompts.txt; its "
+        "preprocessing drops lines with CJK characters, of which the file has none)",
+        "XueZeyue/DanceGRPO",
+        "15cc71d53cc2e6e18a68ee607d5fb6ba9a99e344",
+        "assets/video_prompts.txt",
+        "2a7457f2d7b59ff7915be588de1ddb8fa95c8028",
+        "Apache-2.0 (DanceGRPO)",
+        rule="dancegrpo",
+    ),
 }
 
 

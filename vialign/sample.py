@@ -11,6 +11,12 @@ the images still to make (the batches one process makes, so the same kernels rou
 its own GPU (``cuda:LOCAL_RANK``), and writes those PNGs and their rows in ``samples.rankR.jsonl``; the
 main process writes ``samples.jsonl`` and, at the end, merges the other processes' rows into it in
 image order. The folder ends with the bytes one process writes.
+
+Video models (Wan, CogVideoX) write sample i as ``NNNNN.mp4`` (H.264, yuv420p, :func:`vialign.media.write_video`)
+and with ``save_frames`` its frames as lossless PNGs in ``NNNNN_frames/`` too; their rows add ``num_frames``
+and ``fps`` (and ``frames_dir``). ``num_frames``, ``fps`` and ``save_frames`` are refused for image models,
+and wrong frame counts and sizes are refused before the model loads wherever its id tells the family
+(built-ins, local folders, hub ids in the local cache; otherwise right after it loads, before any sampling).
 """
 
 from __future__ import annotations
@@ -29,14 +35,21 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines.adapter import GeneratorAdapter, Guidance
+from pipelines.errors import PipelineInputError
+from pipelines.loading import ModelPreview, preview_model
 from vialign.config import ModelConfig, SampleConfig
 from vialign.data import read_prompt_file
 from vialign.errors import ConfigError, VialignInputError
-from vialign.files import JsonlAppender, write_atomically
+from vialign.files import DiskWriteError, JsonlAppender, write_atomically
 from vialign.launch import Launch, launched_processes, process_device, rank_files, read_rows_and_parts
 from vialign.sampling import Sampler, rollout_prompts, sde_sampler
 
 INDEX_FILE = "samples.jsonl"
+# the frame rates the stock pipelines' examples export at (diffusers' WanPipeline and CogVideoXPipeline
+# docstrings: export_to_video(..., fps=16) and fps=8); a model folder's vialign.json may set "fps"
+DEFAULT_FPS = {"wan": 16, "cogvideox": 8}
+FALLBACK_FPS = 16
+VIDEO_FLAGS = (("num_frames", "--num-frames"), ("fps", "--fps"), ("save_frames", "--save-frames"))
 logger = logging.getLogger(__name__)
 
 
@@ -109,13 +122,175 @@ def png_problem(path: Path) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------------------------------- videos
+def video_flags_given(config: SampleConfig) -> list[str]:
+    """The video-only settings a config sets, as ``key (--flag)``."""
+    return [f"{key} ({flag})" for key, flag in VIDEO_FLAGS if getattr(config, key) not in (None, False)]
+
+
+def check_media(config: SampleConfig, family: str, is_video: bool) -> None:
+    """What must fit the kind of model (images or videos): the video-only settings and the steering
+    rewards' modality."""
+    model = config.model.path
+    if not is_video:
+        given = video_flags_given(config)
+        if given:
+            raise VialignInputError(
+                f"{', '.join(given)} apply to video models only, but {model} ({family}) generates images: "
+                "drop them, or pass a video model (e.g. --model tiny-wan)"
+            )
+    steer = config.steer
+    if steer.method is None:
+        return
+    import rewards
+    from rewards.video import FRAME_MODES
+
+    known = {info.name: info for info in rewards.list_rewards()}
+    for name, spec in steer.rewards.items():
+        info, frames = known.get(name), spec.options.get("frames")
+        if info is None:
+            continue  # check_steering names the unknown reward
+        if frames is not None and frames not in FRAME_MODES:
+            raise VialignInputError(
+                f"steering reward {name!r}: frames={frames!r} is not a frame strategy; choose one of "
+                f"{', '.join(FRAME_MODES)}"
+            )
+        if is_video and info.modality == "image" and frames is None:
+            raise VialignInputError(
+                f"steering reward {name!r} scores images, but {model} ({family}) generates videos: give it a "
+                f"frame strategy, --reward-option {name}.frames=uniform (steer.rewards.{name}.options.frames: "
+                f"{'|'.join(FRAME_MODES)}; num_frames sets how many for uniform, default 8)"
+            )
+        if not is_video and info.modality == "video":
+            raise VialignInputError(
+                f"steering reward {name!r} scores videos, but {model} ({family}) generates images: steer it "
+                "with an image reward (see vialign score --list-rewards)"
+            )
+
+
+def check_video_request(config: SampleConfig, preview: ModelPreview | None) -> None:
+    """Before the model loads, where its id tells the family (``pipelines.loading.preview_model``): video
+    settings for an image model, frame counts and sizes a video model cannot make (the adapter's own
+    checks, on its config files), steering it cannot run."""
+    if preview is None:
+        return
+    check_media(config, preview.family, preview.is_video)
+    if not preview.is_video or preview.checks is None:
+        return
+    num_frames = config.num_frames if config.num_frames is not None else preview.default_num_frames
+    try:
+        preview.checks.check_frames(num_frames)
+        if config.height is not None or config.width is not None:
+            default_height, default_width = preview.checks.default_size
+            preview.checks.check_size(config.height or default_height, config.width or default_width)
+    except PipelineInputError as error:
+        raise VialignInputError(str(error)) from None
+
+
+def png_frames_problem(folder: Path, count: int) -> str | None:
+    """Why ``folder`` does not hold ``count`` readable frames as :func:`vialign.media.write_frames` names
+    them, or None."""
+    if not folder.is_dir():
+        return f"missing its frames folder {folder.name}"
+    digits = max(3, len(str(count - 1)))
+    for k in range(count):
+        name = f"frame_{k:0{digits}d}.png"
+        problem = png_problem(folder / name)
+        if problem is not None:
+            return f"missing a frame ({folder.name}/{name} is {problem})"
+    return None
+
+
+@dataclass(frozen=True)
+class VideoOutput:
+    """How a video model's samples are written: ``NNNNN.mp4`` at ``fps``, and with ``save_frames`` their
+    frames as lossless PNGs in ``NNNNN_frames/``."""
+
+    num_frames: int
+    fps: float
+    save_frames: bool = False
+
+    def settings(self) -> dict:
+        return {"num_frames": self.num_frames, "fps": self.fps}
+
+    def write(self, video: torch.Tensor, out: Path, i: int, *, kept: str) -> dict:
+        """Write sample ``i`` (``F x 3 x H x W`` in [0, 1]): the frames first, then the MP4 (the index
+        names it last, so it never names a missing file); returns the row's file fields."""
+        from vialign.media import write_frames, write_video
+
+        path = out / f"{i:05d}.mp4"
+        fields = {"file": path.name}
+        try:
+            if self.save_frames:
+                folder = out / f"{i:05d}_frames"
+                written = set(write_frames(video, folder))
+                for stale in folder.glob("frame_*.png"):  # of an earlier run with more frames
+                    if stale not in written:
+                        stale.unlink()
+                fields["frames_dir"] = folder.name
+            write_video(video, path, self.fps)
+        except DiskWriteError as error:
+            raise DiskWriteError(f"{error}; {kept}") from error
+        return fields
+
+    def problem(self, out: Path, row: dict) -> str | None:
+        """Why the files of an earlier run's ``row`` cannot be kept (missing, not decoding to the
+        row's frames and size), or None."""
+        from vialign.media import MediaError, read_video
+
+        path = out / row.get("file", "")
+        if not path.is_file():
+            return "missing"
+        try:
+            video = read_video(path, max_frames=self.num_frames + 1, uint8=True)  # 3 x T x H x W
+        except MediaError as error:
+            return f"damaged ({error})"
+        found = tuple(int(n) for n in video.shape[1:])
+        expected = (self.num_frames, row.get("height"), row.get("width"))
+        if found != expected:
+            return f"damaged (frames x height x width {found}, expected {expected})"
+        if self.save_frames:
+            return png_frames_problem(out / str(row.get("frames_dir", "")), self.num_frames)
+        return None
+
+
+def video_output(
+    config: SampleConfig, adapter: GeneratorAdapter, preview: ModelPreview | None
+) -> VideoOutput | None:
+    """The loaded model's checks of the video settings (all of them again: :func:`check_video_request`
+    could not run for a model its id does not tell), and how its samples are written; None for images."""
+    check_media(config, adapter.family, adapter.is_video)
+    if not adapter.is_video:
+        return None
+    num_frames = config.num_frames if config.num_frames is not None else adapter.default_num_frames
+    adapter.check_frames(num_frames)
+    # every rollout of this job draws num_frames frames: rollout_prompts and the steering methods draw x_0
+    # with the adapter's default (as load_pipeline sets a vialign.json's num_frames)
+    adapter.default_num_frames = num_frames
+    fps = config.fps
+    if fps is None:
+        fps = (preview.defaults if preview is not None else {}).get("fps")
+        if fps is not None and (
+            isinstance(fps, bool) or not isinstance(fps, int | float) or not 0 < fps < 1e4
+        ):
+            raise VialignInputError(
+                f"fps={fps!r} in {config.model.path}'s vialign.json is not a positive number; fix it or pass --fps"
+            )
+    fps = float(fps if fps is not None else DEFAULT_FPS.get(adapter.family, FALLBACK_FPS))
+    return VideoOutput(num_frames, int(fps) if fps.is_integer() else fps, config.save_frames)
+
+
 def resumable_rows(
-    index_path: Path, prompts: Sequence[str], seeds: Sequence[int], settings: dict
+    index_path: Path,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    settings: dict,
+    video: VideoOutput | None = None,
 ) -> dict[int, dict]:
     """The rows of an interrupted run's index (and of its other processes' rows, not merged yet) that this
-    call would make again identically, by image index. A row whose PNG is missing or damaged is dropped
-    (made again, with a warning); a row made with other settings, another prompt or seed is an error:
-    resuming would mix two runs."""
+    call would make again identically, by image index. A row whose PNG (video: MP4, or a saved frame) is
+    missing or damaged is dropped (made again, with a warning); a row made with other settings, another
+    prompt or seed is an error: resuming would mix two runs."""
     done: dict[int, dict] = {}
     for row in read_rows_and_parts(index_path):
         i = row.get("index")
@@ -131,7 +306,16 @@ def resumable_rows(
                     f"--resume: {index_path} row {i} was made with {key}={row.get(key)!r}, this call has "
                     f"{key}={value!r}; resume with the settings of the interrupted run, or pass --overwrite"
                 )
-        problem = png_problem(index_path.parent / row.get("file", ""))
+        if video is not None and ("frames_dir" in row) != video.save_frames:
+            raise VialignInputError(
+                f"--resume: {index_path} row {i} was made with save_frames={'frames_dir' in row}, this call "
+                f"has save_frames={video.save_frames} (--save-frames); resume with the settings of the "
+                "interrupted run, or pass --overwrite"
+            )
+        if video is None:
+            problem = png_problem(index_path.parent / row.get("file", ""))
+        else:
+            problem = video.problem(index_path.parent, row)
         if problem is not None:
             logger.warning("--resume: %s is %s; it is made again", row.get("file"), problem)
             continue
@@ -152,7 +336,8 @@ def generate_images(
     negative_prompt: str | None = None,
     batch_size: int = 4,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield ``(indices, pixels)`` batch by batch; ``pixels`` are B x 3 x H x W floats in [0, 1]."""
+    """Yield ``(indices, pixels)`` batch by batch; ``pixels`` are B x 3 x H x W floats in [0, 1] (video
+    models: ``B x F x 3 x H x W``, ``adapter.default_num_frames`` frames)."""
     if len(prompts) != len(seeds):
         raise VialignInputError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     schedule = adapter.schedule(num_steps, height, width)
@@ -192,6 +377,8 @@ class SampleReport:
     height: int
     width: int
     main_process: bool = True  # under a launcher, only the main process reports
+    num_frames: int | None = None  # video models: frames per video
+    fps: float | None = None  # video models: frame rate of the MP4s
 
 
 def check_steering(config: SampleConfig) -> None:
@@ -331,6 +518,8 @@ def run_sample(config: SampleConfig, *, progress: bool = True, launch: Launch | 
         with launched_processes() as launch:
             return run_sample(config, progress=progress, launch=launch)
     check_steering(config)
+    preview = preview_model(config.model.path)
+    check_video_request(config, preview)  # before the model loads, where its id tells the family
     prompts = list(config.prompts) + (read_prompts(config.prompts_file) if config.prompts_file else [])
     if not prompts:
         raise VialignInputError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
@@ -351,6 +540,7 @@ def run_sample(config: SampleConfig, *, progress: bool = True, launch: Launch | 
     sampler_config = config.sampler
     model = config.model
     adapter = load_model(model, device=process_device(model.device, launch))
+    video = video_output(config, adapter, preview)  # None for image models
     default_height, default_width = adapter.default_size
     height, width = config.height or default_height, config.width or default_width
     adapter.check_size(height, width)
@@ -379,16 +569,18 @@ def run_sample(config: SampleConfig, *, progress: bool = True, launch: Launch | 
         "negative_prompt": sampler_config.negative_prompt,
         "height": height,
         "width": width,
+        **(video.settings() if video is not None else {}),
         "dtype": model.dtype,
     }
     if config.steer.method is not None:
         settings.update(steer_settings(config))
+    noun = "images" if video is None else "videos"
     done: dict[int, dict] = {}
     if launch.is_main and config.resume and earlier is not None:
-        done = resumable_rows(index_path, prompts, seeds, settings)
-        logger.info("--resume: %d of %d images are complete in %s", len(done), len(prompts), out)
+        done = resumable_rows(index_path, prompts, seeds, settings, video)
+        logger.info("--resume: %d of %d %s are complete in %s", len(done), len(prompts), noun, out)
     elif launch.is_main and config.resume:
-        logger.info("--resume: %s has no %s yet; making all %d images", out, INDEX_FILE, len(prompts))
+        logger.info("--resume: %s has no %s yet; making all %d %s", out, INDEX_FILE, len(prompts), noun)
     done = launch.from_main(done)  # every process has passed the checks above before anything is written
     per_batch = images_per_batch(config)
     # Whole batches of the interrupted run are made again, not just their missing images: CPU and GPU
@@ -444,7 +636,7 @@ def run_sample(config: SampleConfig, *, progress: bool = True, launch: Launch | 
 
     def kept() -> str:
         return (
-            f"the {len(files)} images before it are in {out} and indexed in {own_index.name}: free some space "
+            f"the {len(files)} {noun} before it are in {out} and indexed in {own_index.name}: free some space "
             "and finish with --resume"
         )
 
@@ -456,20 +648,26 @@ def run_sample(config: SampleConfig, *, progress: bool = True, launch: Launch | 
         tqdm(
             total=total,
             initial=initial,
-            unit="img",
+            unit="img" if video is None else "video",
             desc=f"vialign sample{launch.name}",
             disable=not progress or not launch.is_main,
         ) as bar,
     ):
         for batch, pixels, steered, seconds in batches:
             indices = [todo[j] for j in batch]
-            for row, (i, image) in enumerate(zip(indices, to_uint8(pixels))):
+            samples = to_uint8(pixels) if video is None else pixels  # video: F x 3 x H x W floats each
+            for row, (i, sample) in enumerate(zip(indices, samples)):
                 if i in done:  # remade only because its batch had a missing image; the file is kept
                     continue
-                path = out / f"{i:05d}.png"
                 index.kept = kept()
-                save_png(image, path, kept=kept())  # the PNG first: the index never names a missing file
-                record = {"file": path.name, "prompt": prompts[i], "seed": seeds[i], "index": i, **settings}
+                if video is None:
+                    path = out / f"{i:05d}.png"
+                    save_png(sample, path, kept=kept())  # the PNG first: the index never names a missing file
+                    written = {"file": path.name}
+                else:
+                    written = video.write(sample, out, i, kept=kept())
+                    path = out / written["file"]
+                record = {**written, "prompt": prompts[i], "seed": seeds[i], "index": i, **settings}
                 if steered is not None:
                     record.update(
                         steer_reward=float(steered.reward[row]),
@@ -489,4 +687,12 @@ def run_sample(config: SampleConfig, *, progress: bool = True, launch: Launch | 
         for part in rank_files(index_path):
             part.unlink()
         files = [out / rows[i]["file"] for i in sorted(rows)]
-    return SampleReport(out=out, files=files, height=height, width=width, main_process=launch.is_main)
+    return SampleReport(
+        out=out,
+        files=files,
+        height=height,
+        width=width,
+        main_process=launch.is_main,
+        num_frames=video.num_frames if video is not None else None,
+        fps=video.fps if video is not None else None,
+    )

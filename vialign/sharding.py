@@ -192,7 +192,15 @@ class ShardedDenoiser:
                 module.set_force_sum_reduction_for_comms(True)
         # a parameter no process used reduces as zeros (sum_gradients' zero), and processes that used
         # different parameters still make the same reduce-scatter calls
-        denoiser.set_reduce_scatter_unused_params(True)
+        if hasattr(denoiser, "set_reduce_scatter_unused_params"):
+            denoiser.set_reduce_scatter_unused_params(True)
+        else:
+            logger.warning(
+                "torch %s's FSDP2 has no set_reduce_scatter_unused_params: a parameter no process used in a "
+                "step gets no gradient (AdamW skips it; unsharded, it would decay), and processes must use "
+                "the same parameters (vialign's algorithms do under fsdp); a newer torch (2.14) has it",
+                torch.__version__,
+            )
         self.denoiser = denoiser
         logger.info(
             "finetune.sharding=fsdp: the %s is sharded over %d processes (%d blocks and the rest)",

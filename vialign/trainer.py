@@ -3,7 +3,8 @@
     vialign train configs/quickstart.yaml                   # one process
     accelerate launch --multi_gpu --num_processes 2 -m vialign train configs/quickstart.yaml
 
-It owns prompt data (train and held-out), the generator adapter with LoRA or full fine-tuning, the
+It owns prompt data (train and held-out), the generator adapter (image or video: ``model.num_frames``,
+checked against the model before it loads where its family is known) with LoRA or full fine-tuning, the
 training rewards, AdamW with warm-up and decay, gradient clipping, an EMA of the trainable weights,
 processes (accelerate starts them; gradients are summed over them once per optimizer step,
 ``vialign.distributed``), periodic evaluation with its own rewards and a pixel-diversity measure,
@@ -36,6 +37,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from vialign.algorithms import TrainingContext, get_algorithm
+from vialign.algorithms.base import VideoPixelsReward
 from vialign.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -47,14 +49,16 @@ from vialign.checkpoint import (
 from vialign.config import TrainConfig
 from vialign.data import load_prompts, split_prompts
 from vialign.distributed import Processes
-from vialign.errors import VialignInputError
+from vialign.errors import ConfigError, VialignInputError
 from vialign.files import JsonlAppender, disk_error, read_jsonl_rows, write_atomically
+from vialign.media import reward_layout
 from vialign.seeds import mix_seed
 from vialign.sharding import check_launcher, copy_full_, full_tensor, scalar, shard_optimizer_state
 
 logger = logging.getLogger(__name__)
 
 SHAPEWORLD_ORACLE = "shapeworld-oracle"
+ORACLES = (SHAPEWORLD_ORACLE, "shapeworld-video-oracle")  # logged as eval/oracle_accuracy too
 
 # mix_seed(seed, REFERENCE_SEED_STREAM, prompt_key(prompt), m): the noise of reward shaping's reference samples
 REFERENCE_SEED_STREAM = 0x50415200  # "PAR\0"
@@ -71,6 +75,103 @@ def reference_seed(seed: int, prompt: str, index: int) -> int:
     index)``. It depends on no step, process or batch, so a prompt's reference images are the same whenever
     and wherever they are first needed (and after a resume)."""
     return mix_seed(seed, REFERENCE_SEED_STREAM, prompt_key(prompt), index)
+
+
+def grid_frames(num_frames: int) -> list[int]:
+    """The frames of a video that evaluation grids show: first, middle and last."""
+    return [0, (num_frames - 1) // 2, num_frames - 1]
+
+
+def check_rewards_fit_the_model(config: TrainConfig, family: str, is_video: bool) -> None:
+    """An image-only reward on a video model needs a frame strategy; a video-only reward cannot score
+    images. Read from the reward registry, so nothing is loaded."""
+    from rewards.registry import REGISTRY
+
+    path = config.model.path
+    for name, spec in config.rewards.items():
+        entry = REGISTRY.get(name)
+        if entry is None:  # an unknown name: loading the rewards names the choices
+            continue
+        modality = entry.info.modality
+        if is_video and modality == "image" and spec.options.get("frames") is None:
+            raise ConfigError(
+                f"rewards.{name}: {name} scores images, and {path} is a {family} video model: give it a "
+                f"frame strategy, e.g. rewards: {{{name}: {{options: {{frames: uniform, num_frames: 8}}}}}} "
+                "(frames: uniform, first-middle-last, random or all; the frames' scores are averaged)"
+            )
+        if not is_video and modality == "video":
+            raise ConfigError(
+                f"rewards.{name}: {name} scores videos, and {path} is a {family} image model: choose an "
+                "image reward"
+            )
+    for name in config.eval.rewards:
+        entry = REGISTRY.get(name)
+        if name in config.rewards or entry is None:
+            continue
+        if is_video and entry.info.modality == "image":
+            raise ConfigError(
+                f"eval.rewards: {name} scores images, and {path} is a {family} video model: evaluate with a "
+                f"video reward (e.g. shapeworld-video-oracle, temporal-consistency), or list {name} under "
+                "rewards with a frame strategy (options: {frames: uniform, num_frames: 8})"
+            )
+        if not is_video and entry.info.modality == "video":
+            raise ConfigError(f"eval.rewards: {name} scores videos, and {path} is a {family} image model")
+
+
+def check_model_sizes(config: TrainConfig, checker: Any, num_frames: int | None) -> None:
+    """``sampler.height`` / ``sampler.width`` (when set) and ``num_frames`` (video models) against the
+    model's size multiples and its VAE's frame rule; ``checker`` is the adapter or a stand-in."""
+    from pipelines.errors import PipelineInputError
+
+    height, width = config.sampler.height, config.sampler.width
+    try:
+        if height is not None or width is not None:
+            default_h, default_w = checker.default_size
+            checker.check_size(height or default_h, width or default_w)
+    except PipelineInputError as error:
+        raise ConfigError(f"sampler.height / sampler.width: {error}") from None
+    try:
+        if num_frames is not None:
+            checker.check_frames(num_frames)
+    except PipelineInputError as error:
+        raise ConfigError(f"model.num_frames: {error}") from None
+
+
+def check_model_before_load(config: TrainConfig) -> None:
+    """What can be checked of the model before loading it, where its family is known (a built-in name, or
+    ``model_index.json``): ``model.num_frames`` for video models only, rewards that fit images or
+    videos, no preference pairs on video, and (from the VAE's and denoiser's config files) the size and
+    frame count. The loaded model is checked again (:meth:`Trainer._check_model`)."""
+    from pipelines.loading import preview_model
+
+    preview = preview_model(config.model.path)
+    if preview is None:
+        return
+    check_model_kind(config, preview.family, preview.is_video)
+    checker = preview.checks
+    if checker is None:
+        return
+    try:
+        check_model_sizes(config, checker, config.model.num_frames if preview.is_video else None)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - the stand-in lacks something: the loaded model is checked instead
+        logger.debug("size check before loading skipped for %s", config.model.path, exc_info=True)
+
+
+def check_model_kind(config: TrainConfig, family: str, is_video: bool) -> None:
+    if not is_video and config.model.num_frames is not None:
+        raise ConfigError(
+            f"model.num_frames is for video models; {config.model.path} is a {family} image model: remove "
+            "model.num_frames"
+        )
+    if is_video and get_algorithm(config.algorithm).data == "preference_pairs":
+        raise ConfigError(
+            f"algorithm={config.algorithm} trains on preference pairs of images; {config.model.path} is a "
+            f"{family} video model: use an algorithm that samples its own videos (grpo, draft, online_dpo, "
+            "...)"
+        )
+    check_rewards_fit_the_model(config, family, is_video)
 
 
 class ReferenceRewards:
@@ -181,8 +282,10 @@ class Trainer:
         # the data first: a missing prompt set stops the run before output_dir is touched
         self.train_prompts, self.eval_prompts = self._prompts()
         self.regression_prompts = self._regression_prompts()
+        check_model_before_load(config)  # before output_dir is touched and before the model loads
         self._check_output_dir(resume)
         self.adapter = self._load_model()
+        self.num_frames = self._check_model()
         self.trainable = self._setup_finetuning()
         self.preferences = self._encode_preferences()
         self.reward = self._load_rewards()
@@ -218,9 +321,12 @@ class Trainer:
         """What the algorithm sees of this trainer."""
         adapter, sampling = self.adapter, self.config.sampler
         height, width = self.image_size()
+        reward = self.reward
+        if reward is not None and self.num_frames is not None:
+            reward = VideoPixelsReward(reward)  # decoded B x F x 3 x H x W -> the rewards' B x 3 x F x H x W
         return TrainingContext(
             adapter=adapter,
-            reward=self.reward,
+            reward=reward,
             reward_weights={name: spec.weight for name, spec in self.config.rewards.items()},
             prompts=self.train_prompts,
             seed=self.config.seed,
@@ -235,6 +341,7 @@ class Trainer:
             reference=self.reference,
             optimizer_step=self.optimizer_step,
             refresh_reference=self.refresh_reference,
+            num_frames=self.num_frames,
         )
 
     def _check_output_dir(self, resume: bool) -> None:
@@ -328,6 +435,19 @@ class Trainer:
             data = self.train_prompts, self.eval_prompts, self.regression_prompts
             check_precomputed(self.config, needed_prompts(self.config, *data))
         return load_model(model, device=str(device), with_lora=False)
+
+    def _check_model(self) -> int | None:
+        """The loaded model against the config (whatever could not be checked before loading it); returns
+        the frames per video (``model.num_frames`` or the model's default) for video models, else None."""
+        adapter, config = self.adapter, self.config
+        check_model_kind(config, adapter.family, adapter.is_video)
+        num_frames = (config.model.num_frames or adapter.default_num_frames) if adapter.is_video else None
+        check_model_sizes(config, adapter, num_frames)
+        if num_frames is not None:
+            # the model's default from now on too: calls that take it (evaluation through
+            # vialign.sample.generate_images) make videos of model.num_frames frames as well
+            adapter.default_num_frames = num_frames
+        return num_frames
 
     def _setup_finetuning(self) -> list[torch.nn.Parameter]:
         finetune, adapter = self.config.finetune, self.adapter
@@ -533,8 +653,9 @@ class Trainer:
                     width=width,
                     guidance=adapter.make_guidance(sampling.guidance_scale),
                     sampler=Sampler(),
+                    num_frames=self.num_frames,
                 )
-            pixels = adapter.decode(trajectory.final)
+            pixels = reward_layout(adapter.decode(trajectory.final))
             scores = reward(pixels, [prompt] * count).score.float().cpu()
         if not torch.isfinite(scores).all():
             logger.warning(
@@ -689,8 +810,9 @@ class Trainer:
         """Sample the held-out prompts (ODE, EMA weights, ``eval.samples_per_prompt`` evaluation seeds
         per prompt, which training never draws) on the main process and log ``eval/<reward>`` means with
         their standard errors (``_se``), ``eval/oracle_accuracy`` and ``eval/oracle/<attribute>`` (with the
-        ShapeWorld judge), ``eval/pixel_diversity``, the same under ``eval/regression/`` for
-        ``eval.regression_prompts``, and an image grid ``eval/step-<step>.png``."""
+        ShapeWorld judge, image or video), ``eval/pixel_diversity``, the same under ``eval/regression/`` for
+        ``eval.regression_prompts``, and an image grid ``eval/step-<step>.png`` (videos: first, middle and
+        last frames)."""
         results: dict[str, float] = {}
         # a sharded denoiser runs only with every process: each samples the same images, the main one logs
         if (self.is_main or self.sharded is not None) and self.eval_prompts:
@@ -731,18 +853,62 @@ class Trainer:
         self, prompts: list[str], per_prompt: int, prefix: str
     ) -> tuple[dict[str, float], torch.Tensor]:
         """Every prompt at evaluation seeds 0..per_prompt-1 (prompt-major); reward means with the
-        standard error over seeds (``vialign.testbed.evaluate.mean_and_se``) and pixel diversity."""
+        standard error over seeds (``vialign.testbed.evaluate.mean_and_se``) and pixel diversity. Returns
+        the pixels too (for the grid): images, or a video model's first, middle and last frames
+        (``N x 3 x 3 x H x W``; videos are scored batch by batch as they are made and not kept whole, and
+        their pixel diversity is measured on those three frames)."""
         from vialign.algorithms.base import evaluation_seed
-        from vialign.sample import generate_images
         from vialign.testbed.evaluate import mean_and_se, pixel_diversity
 
-        config, adapter = self.config.eval, self.adapter
+        adapter = self.adapter
         all_prompts = [p for p in prompts for _ in range(per_prompt)]
         seeds = [evaluation_seed(s) for _ in prompts for s in range(per_prompt)]
+        rewards = self._eval_rewards()
+        outputs: dict[str, list[Any]] = {name: [] for name in rewards}
+
+        def score(pixels: torch.Tensor, batch_prompts: list[str]) -> None:
+            for name, reward in rewards.items():
+                outputs[name].append(reward(reward_layout(pixels.to(adapter.device)), batch_prompts))
+
+        kept, done = [], 0
+        for batch in self._generate(all_prompts, seeds):
+            batch = batch.float().cpu()
+            if self.num_frames is not None:
+                score(batch, all_prompts[done : done + len(batch)])
+                batch = batch[:, grid_frames(batch.shape[1])]
+            kept.append(batch)
+            done += len(batch)
+        pixels = torch.cat(kept)
+        if self.num_frames is None:  # images: scored in one batch, as always
+            score(pixels, all_prompts)
+        results = {}
+
+        def log_mean(name: str, values: torch.Tensor) -> None:
+            results[prefix + name], results[prefix + name + "_se"] = mean_and_se(values.cpu(), per_prompt)
+
+        for name, outs in outputs.items():
+            scores = torch.cat([out.score.float().cpu() for out in outs])
+            log_mean(name, scores)
+            if name in ORACLES:
+                log_mean("oracle_accuracy", scores)
+                for attribute in outs[0].dims:
+                    log_mean(f"oracle/{attribute}", torch.cat([out.dims[attribute].cpu() for out in outs]))
+        if per_prompt > 1:
+            results[prefix + "pixel_diversity"] = pixel_diversity(pixels, per_prompt)
+        return results, pixels
+
+    def _generate(self, prompts: list[str], seeds: list[int]) -> Iterator[torch.Tensor]:
+        """Evaluation samples batch by batch (``eval.batch_size``; ``vialign.sample.generate_images``): the
+        ODE at the evaluation steps and guidance, sample i from seed i; images ``B x 3 x H x W`` or videos
+        ``B x F x 3 x H x W`` of ``model.num_frames`` frames (the adapter's default, set in
+        :meth:`_check_model`)."""
+        from vialign.sample import generate_images
+
+        config, adapter = self.config.eval, self.adapter
         height, width = self.image_size()
         batches = generate_images(
             adapter,
-            all_prompts,
+            prompts,
             seeds,
             num_steps=config.num_steps or adapter.default_num_steps,
             height=height,
@@ -750,26 +916,16 @@ class Trainer:
             guidance=adapter.make_guidance(config.guidance_scale),
             batch_size=config.batch_size,
         )
-        pixels = torch.cat([batch.float().cpu() for _, batch in batches])
-        results = {}
-
-        def log_mean(name: str, values: torch.Tensor) -> None:
-            results[prefix + name], results[prefix + name + "_se"] = mean_and_se(values.cpu(), per_prompt)
-
-        for name, reward in self._eval_rewards().items():
-            out = reward(pixels.to(adapter.device), all_prompts)
-            log_mean(name, out.score)
-            if name == SHAPEWORLD_ORACLE:
-                log_mean("oracle_accuracy", out.score)
-                for attribute, verdicts in out.dims.items():
-                    log_mean(f"oracle/{attribute}", verdicts)
-        if per_prompt > 1:
-            results[prefix + "pixel_diversity"] = pixel_diversity(pixels, per_prompt)
-        return results, pixels
+        for _, pixels in batches:
+            yield pixels
 
     def _save_eval_grid(self, step: int, pixels: torch.Tensor, per_prompt: int) -> None:
+        """``eval/step-<step>.png``: up to 8 prompts (rows) x 8 seeds; a video sample is its first, middle
+        and last frames side by side."""
         from vialign.media import save_grid
 
+        if pixels.ndim == 5:
+            pixels = torch.cat(list(pixels.unbind(1)), dim=-1)
         rows, columns = min(8, len(pixels) // per_prompt), min(8, per_prompt)
         pick = [p * per_prompt + s for p in range(rows) for s in range(columns)]
         (self.output_dir / "eval").mkdir(exist_ok=True)

@@ -34,6 +34,7 @@ from pipelines.schedules import Schedule
 from vialign.data import prompts_for_step
 from vialign.distributed import Processes
 from vialign.errors import VialignInputError
+from vialign.media import reward_layout
 from vialign.sampling import Sampler, Trajectory, rollout_prompts
 from vialign.schema import StrictModel
 from vialign.seeds import mix_seed
@@ -92,6 +93,7 @@ class TrainingContext:
     reference: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     optimizer_step: Callable[[int], float] = lambda step: 0.0  # clip, step, zero grads, EMA; -> grad norm
     refresh_reference: Callable[[], None] = lambda: None  # the reference becomes the current policy
+    num_frames: int | None = None  # video models: frames per video of every rollout (None: images)
 
     @property
     def world_size(self) -> int:
@@ -146,6 +148,7 @@ class TrainingContext:
             width=self.width,
             guidance=self.guidance,
             sampler=sampler,
+            num_frames=self.num_frames,
             **options,
         )
 
@@ -178,6 +181,24 @@ class TrainingContext:
             yield
         finally:
             denoiser.eval()
+
+
+class VideoPixelsReward:
+    """A reward as algorithms call it on a video model: ``reward(pixels, prompts)`` with the adapter's
+    decoded ``B x F x 3 x H x W`` videos, handed on as ``B x 3 x F x H x W`` (:func:`reward_layout`). The
+    one place where the two layouts meet, so no algorithm converts; ``info``, ``components`` and the
+    rest are the wrapped reward's."""
+
+    def __init__(self, reward: Any):
+        self.reward = reward
+
+    def __call__(self, pixels: torch.Tensor, prompts: Sequence[str] | None = None) -> Any:
+        return self.reward(reward_layout(pixels), prompts)
+
+    def __getattr__(self, name: str) -> Any:  # only called for names the wrapper lacks
+        if name == "reward":
+            raise AttributeError(name)
+        return getattr(self.reward, name)
 
 
 class Algorithm:

@@ -124,7 +124,8 @@ def pair_errors(
     the conditional prediction (DPO; FLUX-dev's guidance embedding if ``guidance`` has one), or the
     CFG-guided one when ``guidance`` has a CFG scale and ``uncond`` is given."""
     alpha, sigma = adapter.coefficients(t.to(adapter.device))
-    alpha, sigma = alpha.view(-1, 1, 1, 1).float(), sigma.view(-1, 1, 1, 1).float()
+    shape = (-1,) + (1,) * (x0.ndim - 1)  # B x C x h x w images, B x C x F x h x w videos
+    alpha, sigma = alpha.view(shape).float(), sigma.view(shape).float()
     output = adapter.predict(alpha * x0 + sigma * noise, t, cond, guidance, uncond)
     target = denoising_target(adapter.prediction_type, x0.float(), noise.float(), alpha, sigma)
     return (output.float() - target).square().flatten(1).mean(1)
@@ -178,9 +179,8 @@ class _PreferenceStep:
             end = min(start + settings.micro_batch_size, len(prompts))
             n = end - start
             x0 = torch.cat([chosen[start:end], rejected[start:end]]).to(adapter.device)
-            noise = (
-                noise_all[lo + start : lo + end].repeat(2, 1, 1, 1).to(adapter.device)
-            )  # shared by w and l
+            pair_noise = noise_all[lo + start : lo + end]
+            noise = torch.cat([pair_noise, pair_noise]).to(adapter.device)  # shared by w and l
             t = t_all[lo + start : lo + end].repeat(2)
             cond = adapter.encode_prompt(prompts[start:end] * 2)
             with torch.no_grad(), context.reference():

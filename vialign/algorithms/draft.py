@@ -14,7 +14,13 @@ hinge or a target; ``vialign.losses.reward_loss``) with gradients through part o
   [1, N] (randomised truncation).
 
 Every denoiser call in the window (the DRaFT+ term's too) and the VAE decode are checkpointed
-(``checkpoint``): memory stays ~ one step whatever K. ReFL (``refl.py``) shares the settings and helpers here.
+(``checkpoint``): memory stays ~ one step whatever K. ``checkpoint: selective`` keeps each step's
+matrix-product, convolution and attention outputs and recomputes only the cheap ops between them
+(``vialign.sampling.checkpointed``): a faster backward, memory growing with K. ReFL (``refl.py``) shares the settings and helpers here.
+
+On video models ``decode_frames`` (VADER's frame subsets: all, first, first-middle-last, every-k, random)
+decodes and scores only some frames: the causal VAE then runs over only the latent frames they need
+(``VideoGeneratorAdapter.decode(frames=...)``), and the reward sees those frames alone.
 """
 
 from __future__ import annotations
@@ -24,15 +30,18 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.utils.checkpoint
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rewards.losses import LossTransform
 from vialign.algorithms.base import Algorithm, TrainingContext, register
 from vialign.errors import VialignInputError
 from vialign.losses import output_kl, renoise, reward_loss
-from vialign.sampling import Sampler, Trajectory, evaluate_step, sde_sampler
+from vialign.sampling import Sampler, Trajectory, checkpointed, evaluate_step, sde_sampler
 from vialign.schema import StrictModel
+from vialign.seeds import mix_seed
+
+DECODE_FRAME_MODES = ("all", "first", "first-middle-last", "every-k", "random")
+DECODE_FRAMES_STREAM = 4  # mix_seed(seed, step, stream, start): decode_frames=random's frame of a micro-batch
 
 
 class RewardGradientSettings(StrictModel):
@@ -47,7 +56,32 @@ class RewardGradientSettings(StrictModel):
     eta: float = Field(
         0.0, ge=0, le=10, description="noise of the sampler: DDIM eta / Flow-SDE a (0: the ODE)"
     )
-    checkpoint: bool = Field(True, description="recompute each window step's activations in backward")
+    checkpoint: bool | Literal["selective"] = Field(
+        True,
+        description="recompute each window step's activations in backward (memory flat in K); 'selective': "
+        "keep matrix-product/convolution/attention outputs, recompute the rest (faster, memory grows with K)",
+    )
+    decode_frames: Literal["all", "first", "first-middle-last", "every-k", "random"] = Field(
+        "all",
+        description="video models: the frames decoded and scored (VADER's subsets): all, first, "
+        "first-middle-last, every-k (frames 0, k, 2k, ...; decode_every), random (one frame per micro-batch, "
+        "seeded); the causal VAE decodes only the latent frames they need. Images: all",
+    )
+    decode_every: int | None = Field(
+        None, ge=1, le=1024, description="decode_frames=every-k (required there): k"
+    )
+
+    @model_validator(mode="after")
+    def _decode_every_for_every_k(self) -> RewardGradientSettings:
+        if self.decode_frames == "every-k" and self.decode_every is None:
+            raise ValueError("decode_frames=every-k needs decode_every: k, e.g. decode_every: 4")
+        if self.decode_frames != "every-k" and self.decode_every is not None:
+            raise ValueError(
+                "decode_every is k of decode_frames=every-k; this run has "
+                f"decode_frames={self.decode_frames}: "
+                "set decode_frames=every-k, or drop decode_every"
+            )
+        return self
 
 
 class DraftSettings(RewardGradientSettings):
@@ -75,6 +109,53 @@ class AlignPropSettings(RewardGradientSettings):
 def gradient_sampler(context: TrainingContext, eta: float) -> Sampler:
     """The sampler of reward-gradient rollouts: the ODE, or the model kind's SDE with noise ``eta``."""
     return sde_sampler(context.adapter.kind, noise_level=eta) if eta > 0 else Sampler()
+
+
+def decoded_frames(
+    mode: str, num_frames: int, every: int | None = None, generator: torch.Generator | None = None
+) -> list[int] | None:
+    """Which frames of a ``num_frames`` video a reward-gradient step decodes (``decode_frames``): None
+    for all of them, else indices in increasing order. ``random`` draws one frame from ``generator``."""
+    if mode == "all":
+        return None
+    if mode == "first":
+        return [0]
+    if mode == "first-middle-last":
+        return sorted({0, (num_frames - 1) // 2, num_frames - 1})
+    if mode == "every-k":
+        if every is None or every < 1:
+            raise VialignInputError(f"decode_frames=every-k needs decode_every >= 1, got {every!r}")
+        return list(range(0, num_frames, every))
+    if mode == "random":
+        return [int(torch.randint(num_frames, (), generator=generator))]
+    raise VialignInputError(f"unknown decode_frames {mode!r}; choose one of {', '.join(DECODE_FRAME_MODES)}")
+
+
+def check_decode_frames(context: TrainingContext, settings: RewardGradientSettings, section: str) -> None:
+    """``decode_frames`` other than all is for video models."""
+    if settings.decode_frames != "all" and context.num_frames is None:
+        raise VialignInputError(
+            f"{section}.decode_frames={settings.decode_frames} picks frames of videos, but "
+            f"{context.adapter.family} generates images: leave {section}.decode_frames at all"
+        )
+
+
+def decode_for_reward(
+    context: TrainingContext,
+    settings: RewardGradientSettings,
+    latents: torch.Tensor,
+    step: int,
+    start: int,
+) -> torch.Tensor:
+    """``latents`` decoded (checkpointed when ``settings.checkpoint``), differentiably: images, or a
+    video model's frames that ``decode_frames`` picks (``B x F' x 3 x H x W``; the reward sees those only).
+    ``random`` draws its frame from (seed, step, ``start``), the same on every process."""
+    checkpoint = bool(settings.checkpoint)
+    if context.num_frames is None or settings.decode_frames == "all":
+        return context.adapter.decode(latents, checkpoint=checkpoint)
+    generator = torch.Generator().manual_seed(mix_seed(context.seed, step, DECODE_FRAMES_STREAM, start))
+    frames = decoded_frames(settings.decode_frames, context.num_frames, settings.decode_every, generator)
+    return context.adapter.decode(latents, checkpoint=checkpoint, frames=frames)
 
 
 def score_with_gradient(context: TrainingContext, pixels: torch.Tensor, prompts: Sequence[str], step: int):
@@ -132,6 +213,7 @@ class DRaFT(Algorithm):
     def __init__(self, settings, context: TrainingContext):
         super().__init__(settings, context)
         self.check_settings(settings, context.num_steps)
+        check_decode_frames(context, settings, self.name)
         self.schedule = context.schedule
         self.sampler = gradient_sampler(context, settings.eta)
         self.transform = LossTransform(settings.loss, settings.margin, settings.target)
@@ -166,7 +248,7 @@ class DRaFT(Algorithm):
                 loss = torch.zeros((), device=adapter.device)
                 for repeat in range(repeats):
                     final = self.lv_final(trajectory, step, start, repeat) if lv else trajectory.final
-                    pixels = adapter.decode(final, checkpoint=settings.checkpoint)
+                    pixels = decode_for_reward(context, settings, final, step, start)
                     score = score_with_gradient(context, pixels, batch_prompts, step)
                     scores.append(score.detach())
                     loss = loss + reward_loss(
@@ -221,10 +303,7 @@ class DRaFT(Algorithm):
             )
             with torch.no_grad(), self.context.reference():
                 reference = adapter.predict(*args)
-            if self.settings.checkpoint:
-                output = torch.utils.checkpoint.checkpoint(adapter.predict, *args, use_reentrant=False)
-            else:
-                output = adapter.predict(*args)
+            output = checkpointed(adapter.predict, *args, mode=self.settings.checkpoint)
             total = total + output_kl(output, reference)
         return total / k
 

@@ -267,6 +267,11 @@ class GRPO(Algorithm):
         )
         self.counters = {"nonfinite_groups": 0, "skipped_updates": 0}
         self.judge = None
+        if settings.judge is not None and context.num_frames is not None:
+            raise VialignInputError(
+                f"grpo.judge compares pairs of images; {context.adapter.family} generates videos: drop "
+                "grpo.judge (comparison: pairwise-winrate then reads the training reward as the judge)"
+            )
         if settings.judge is not None:
             import rewards
 

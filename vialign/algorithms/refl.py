@@ -28,6 +28,8 @@ from rewards.losses import LossTransform
 from vialign.algorithms.base import Algorithm, TrainingContext, register
 from vialign.algorithms.draft import (
     RewardGradientSettings,
+    check_decode_frames,
+    decode_for_reward,
     gradient_sampler,
     reward_gradient_metrics,
     score_with_gradient,
@@ -92,6 +94,12 @@ class ReFL(Algorithm):
     def __init__(self, settings: ReFLSettings, context: TrainingContext):
         super().__init__(settings, context)
         self.check_settings(settings, context.num_steps)
+        check_decode_frames(context, settings, self.name)
+        if settings.regularizer_data and context.num_frames is not None:
+            raise VialignInputError(
+                "refl.regularizer_data is a set of captioned images; on a video model "
+                f"({context.adapter.family}) train without it (remove refl.regularizer_data)"
+            )
         self.schedule = context.schedule
         self.sampler = gradient_sampler(context, settings.eta)
         self.transform = LossTransform(settings.loss, settings.margin, settings.target)
@@ -122,7 +130,7 @@ class ReFL(Algorithm):
                     context.guidance,
                     trajectory.uncond,
                 )
-                pixels = adapter.decode(x0, checkpoint=settings.checkpoint)
+                pixels = decode_for_reward(context, settings, x0, step, start)
                 score = score_with_gradient(context, pixels, batch_prompts, step)
                 scores.append(score.detach())
                 loss = reward_loss(score, self.transform, settings.loss_scale, len(prompts))

@@ -11,8 +11,10 @@ from vialign.sampling.ddim import ddim_step
 from vialign.sampling.flow import cps_step, dance_sde_step, flow_ode_step, flow_sde_step
 from vialign.sampling.gaussian import StepOutput, gaussian_log_prob
 from vialign.sampling.rollout import (
+    Checkpoint,
     StepHook,
     Trajectory,
+    checkpointed,
     draw_noise,
     evaluate_step,
     replay_step,
@@ -32,9 +34,11 @@ from vialign.sampling.sampler import (
 __all__ = [
     "SDE_KINDS",
     "Sampler",
+    "Checkpoint",
     "StepHook",
     "StepOutput",
     "Trajectory",
+    "checkpointed",
     "cps_step",
     "dance_sde_step",
     "ddim_step",

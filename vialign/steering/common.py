@@ -13,6 +13,7 @@ import torch
 from pipelines.adapter import GeneratorAdapter, Guidance
 from pipelines.schedules import Schedule
 from vialign.errors import VialignInputError
+from vialign.media import reward_layout
 from vialign.sampling import Sampler, StepHook, rollout_prompts
 from vialign.seeds import mix_seed
 
@@ -53,7 +54,7 @@ class SteeringResult:
     """One kept sample per prompt."""
 
     latents: torch.Tensor  # [P, *latent] the kept samples' final latents
-    pixels: torch.Tensor  # [P, 3, H, W] in [0, 1]
+    pixels: torch.Tensor  # [P, 3, H, W] in [0, 1]; video models: [P, F, 3, H, W], as adapter.decode
     reward: torch.Tensor  # [P] the steering reward of the kept samples
     model_calls: float  # denoiser evaluations (rows) per kept sample, recomputation included
     details: list[dict[str, Any]] = field(default_factory=list)  # per prompt: what the method chose
@@ -122,7 +123,9 @@ def decode_and_score(
         for start in range(0, len(latents), batch_size):
             chunk = adapter.decode(latents[start : start + batch_size])
             pixels.append(chunk)
-            scores.append(reward(chunk, list(prompts[start : start + batch_size])).score.float())
+            scores.append(
+                reward(reward_layout(chunk), list(prompts[start : start + batch_size])).score.float()
+            )
     pixels, scores = torch.cat(pixels), torch.cat(scores)
     if not bool(torch.isfinite(scores).all()):
         raise VialignInputError(
@@ -155,7 +158,7 @@ def score_latents(
 ) -> torch.Tensor:
     """The reward of decoded ``latents`` ([B]); differentiable when grad mode is on."""
     pixels = adapter.decode(latents, checkpoint=checkpoint)
-    score = reward(pixels, list(prompts)).score.float()
+    score = reward(reward_layout(pixels), list(prompts)).score.float()
     bad = ~torch.isfinite(score)
     if bool(bad.any()):
         raise VialignInputError(

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from pipelines.adapter import GeneratorAdapter
 from vialign.errors import VialignInputError
+from vialign.media import reward_layout
 from vialign.sampling import rollout
 from vialign.steering.common import (
     SamplingSetup,
@@ -147,7 +148,7 @@ def _optimise(
                 checkpoint=True,
             )
             pixels = adapter.decode(trajectory.final, checkpoint=True)
-            score = reward(pixels, prompts).score.float()
+            score = reward(reward_layout(pixels), prompts).score.float()
         if not bool(torch.isfinite(score).all()):
             raise VialignInputError(f"the reward returned NaN or inf at ReNO iteration {iteration}")
         scores = score.detach().cpu()

@@ -104,6 +104,7 @@ class GeneratorAdapter:
     size_multiple_extra: ClassVar[int] = 1  # patch size / packing factor on top of the VAE factor
     is_video: ClassVar[bool] = False  # video families: latents B x C x F x h x w (VideoGeneratorAdapter)
     default_num_steps: int = 20  # a model folder's vialign.json may set its own
+    stored_default_size: tuple[int, int] | None = None  # a model folder's vialign.json "size": [h, w]
     # components load_pipeline(text_encoders=False) left unloaded, and its from_pretrained options: an
     # export (save_pipeline) reads them again from the source
     omitted_components: tuple[str, ...] = ()
@@ -361,6 +362,12 @@ class GeneratorAdapter:
 
     @property
     def default_size(self) -> tuple[int, int]:
+        """(height, width) when none is given: the model folder's own (``vialign.json``'s ``size``), else
+        the stock pipeline's."""
+        return self.stored_default_size or self.stock_default_size
+
+    @property
+    def stock_default_size(self) -> tuple[int, int]:
         """(height, width) that the stock pipeline uses when none is given."""
         size = int(self.denoiser_config.sample_size) * self.vae_scale_factor
         return size, size

@@ -72,7 +72,7 @@ class CogVideoXAdapter(VideoGeneratorAdapter):
         return int(self.denoiser_config.in_channels)
 
     @property
-    def default_size(self) -> tuple[int, int]:
+    def stock_default_size(self) -> tuple[int, int]:
         factor = self.vae_scale_factor
         return int(self.denoiser_config.sample_height) * factor, int(
             self.denoiser_config.sample_width

@@ -61,7 +61,7 @@ class FluxAdapter(GeneratorAdapter):
         return int(self.denoiser_config.in_channels) // 4
 
     @property
-    def default_size(self) -> tuple[int, int]:
+    def stock_default_size(self) -> tuple[int, int]:
         size = 128 * self.vae_scale_factor  # FluxPipeline.default_sample_size
         return size, size
 

@@ -36,7 +36,11 @@ ADAPTERS: dict[str, type[GeneratorAdapter]] = {
 }
 BUILTIN_PREFIX = "tiny-"
 # Shipped pretrained testbed models (assets/shapeworld, installed as the package vialign_assets).
-SHIPPED = {"shapeworld": ("shapeworld", "flow"), "shapeworld-unet": ("shapeworld", "unet")}
+SHIPPED = {
+    "shapeworld": ("shapeworld", "flow"),
+    "shapeworld-unet": ("shapeworld", "unet"),
+    "shapeworld-video": ("shapeworld_video", "wan"),
+}
 DEFAULTS_FILE = "vialign.json"  # sampling defaults a model folder may carry (guidance_scale, num_steps, ...)
 
 
@@ -53,16 +57,29 @@ def builtin_models() -> list[str]:
 
 
 def shipped_model_path(name: str) -> str:
-    """Folder of a shipped model (``shapeworld``, ``shapeworld-unet``)."""
+    """Folder of a shipped model (``shapeworld``, ``shapeworld-unet``, ``shapeworld-video``)."""
     import vialign_assets
 
     folder = vialign_assets.path(*SHIPPED[name])
     if not (folder / "model_index.json").is_file():
         raise ModelNotFoundError(
             f"the shipped model {name!r} is missing from {folder}; reinstall vialign, or rebuild it with "
-            "python -m vialign.testbed.build"
+            f"python -m vialign.testbed.{'video' if name == 'shapeworld-video' else 'build'}"
         )
     return str(folder)
+
+
+def stored_size(defaults: dict[str, Any]) -> tuple[int, int] | None:
+    """The default (height, width) a model folder's ``vialign.json`` stores as ``"size": [h, w]``, or None."""
+    size = defaults.get("size")
+    if size is None:
+        return None
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise PipelineInputError(
+            f'{DEFAULTS_FILE}: "size" must be [height, width] in pixels (two positive integers), got {size!r}; '
+            "fix or delete the key"
+        )
+    return int(size[0]), int(size[1])
 
 
 def model_defaults(path_or_id: str) -> dict[str, Any]:
@@ -201,7 +218,10 @@ def preview_model(path_or_id: str) -> ModelPreview | None:
                 return _json_file(cached(f"{name}/config.json"))
 
             defaults = {}
-        return ModelPreview(cls, defaults, _config_stand_in(cls, config("vae"), config(cls.denoiser_name)))
+        checks = _config_stand_in(cls, config("vae"), config(cls.denoiser_name))
+        if checks is not None:
+            checks.stored_default_size = stored_size(defaults)
+        return ModelPreview(cls, defaults, checks)
     except Exception:  # noqa: BLE001 - not knowable before loading: load_pipeline checks, or says why not
         return None
 
@@ -349,6 +369,7 @@ def load_pipeline(
     adapter.default_num_steps = int(defaults.get("num_steps", adapter.default_num_steps))
     if adapter.is_video and "num_frames" in defaults:
         adapter.default_num_frames = int(defaults["num_frames"])
+    adapter.stored_default_size = stored_size(defaults)
     if lora is not None:
         adapter.load_lora(lora)
     return adapter

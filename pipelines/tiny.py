@@ -78,11 +78,13 @@ def clip_tokenizer(num_merges: int | None = None, model_max_length: int = 77) ->
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
 
 
-def t5_tokenizer(model_max_length: int = 512) -> Any:
-    """A small T5 (Unigram) tokenizer: T5's special tokens, characters and a few common words."""
+def t5_tokenizer(model_max_length: int = 512, extra_words: tuple[str, ...] = ()) -> Any:
+    """A small T5 (Unigram) tokenizer: T5's special tokens, characters and a few common words (and
+    ``extra_words``, each then one token)."""
     from transformers import T5Tokenizer
 
     words = ["a", "an", "the", "of", "on", "in", "and", "with", "photo", "red", "green", "blue", "cat", "dog"]
+    words += [w for w in extra_words if w not in words]
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     pieces += [("\u2581" + w, -3.0) for w in words]
     chars = string.ascii_letters + string.digits + string.punctuation
@@ -127,14 +129,15 @@ def _t5_encoder(d_model: int, vocab_size: int) -> Any:
     return T5EncoderModel(config)
 
 
-def _umt5_encoder(d_model: int, vocab_size: int) -> Any:
+def umt5_encoder(d_model: int, vocab_size: int, d_kv: int = 8, d_ff: int = 37) -> Any:
+    """A 2-layer UMT5 encoder (Wan2.1's text encoder class) of width ``d_model``, randomly initialised."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     config = UMT5Config(
         vocab_size=vocab_size,
         d_model=d_model,
-        d_kv=8,
-        d_ff=37,
+        d_kv=d_kv,
+        d_ff=d_ff,
         num_layers=2,
         num_heads=4,
         relative_attention_num_buckets=8,
@@ -171,7 +174,7 @@ def _wan_components() -> dict[str, Any]:
         transformer=transformer,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        text_encoder=_umt5_encoder(32, len(tokenizer)),
+        text_encoder=umt5_encoder(32, len(tokenizer)),
         tokenizer=tokenizer,
         transformer_2=None,
     )

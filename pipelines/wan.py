@@ -103,7 +103,7 @@ class WanAdapter(VideoGeneratorAdapter):
         return int(self.denoiser_config.in_channels)
 
     @property
-    def default_size(self) -> tuple[int, int]:
+    def stock_default_size(self) -> tuple[int, int]:
         return 480, 832  # WanPipeline's default height and width
 
     def _encode_prompts(self, prompts: list[str]) -> PromptEmbeds:

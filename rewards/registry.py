@@ -57,6 +57,9 @@ REGISTRY: dict[str, Entry] = {
     "shapeworld-video-oracle": Entry(
         shapeworld_video.ShapeWorldVideoOracle.info, _fixed(shapeworld_video.ShapeWorldVideoOracle)
     ),
+    "shapeworld-video-clip": Entry(
+        shapeworld_video.ShapeWorldVideoCLIP.info, shapeworld_video.load_shapeworld_video_clip
+    ),
     "temporal-consistency": Entry(video.TemporalConsistency.info, video.load_temporal_consistency),
 }
 

@@ -47,7 +47,7 @@ import torch
 
 from rewards import shapeworld as sw
 from rewards.base import Reward, RewardInfo, RewardOutput
-from rewards.errors import RewardInputError
+from rewards.errors import DamagedCheckpointError, RewardInputError
 
 COLOURS_USED = ("red", "green", "blue", "yellow")  # the image testbed's colours furthest apart
 SHAPES_USED = ("circle", "square", "triangle")
@@ -283,3 +283,71 @@ class ShapeWorldVideoOracle(Reward):
         verdicts = [judge_video(video, prompt) for video, prompt in zip(videos, prompts)]
         dims = {a: torch.tensor([float(v[a]) for v in verdicts], device=pixels.device) for a in ATTRIBUTES}
         return RewardOutput(torch.stack(list(dims.values())).prod(0), dims)
+
+
+# --------------------------------------------------------------------------------------- learned reward
+class ShapeWorldVideoCLIP(Reward):
+    """The video testbed's learned reward: a tiny CLIP whose vision tower sees a video's frames stacked as
+    channels (``3F``, frame-major), fine-tuned on the video generator's samples labelled by the oracle;
+    score = ``a cos(video, prompt) + b``, the logit of P(the oracle calls the video right). Takes videos
+    ``B x 3 x F x H x W`` in [0, 1] with exactly the ``frames`` it was trained on."""
+
+    info = RewardInfo(
+        name="shapeworld-video-clip",
+        description="ShapeWorld video's learned reward (tiny frame-stacking CLIP trained on oracle-labelled videos)",
+        differentiable=True,
+        modality="video",
+        scale="a * cos + b: the logit of P(colour, shape and motion right)",
+        typical_range=(-8.0, 6.0),
+        default_checkpoint="assets/shapeworld_video/clip (shipped)",
+    )
+
+    def __init__(self, encoder: torch.nn.Module, a: float, b: float, frames: int):
+        super().__init__()
+        self.encoder, self.a, self.b, self.frames = encoder, float(a), float(b), int(frames)
+
+    def score(self, pixels: torch.Tensor, prompts: list[str]) -> RewardOutput:
+        if pixels.ndim != 5 or pixels.shape[1] != 3 or pixels.shape[2] != self.frames:
+            raise RewardInputError(
+                f"shapeworld-video-clip scores videos B x 3 x {self.frames} x H x W (all {self.frames} frames: "
+                f"it reads motion from them together), got shape {tuple(pixels.shape)}; decode every frame "
+                "(no frame subset) for this reward"
+            )
+        stacked = pixels.transpose(1, 2).flatten(1, 2)  # B x F x 3 x H x W -> B x 3F x H x W
+        cosine = (self.encoder.embed_images(stacked) * self.encoder.embed_texts(prompts)).sum(-1)
+        return RewardOutput(self.a * cosine + self.b)
+
+
+def load_shapeworld_video_clip(
+    *, pretrained: str | None = None, device: str = "cpu", dtype: str = "float32"
+) -> ShapeWorldVideoCLIP:
+    """The shipped reward (``pretrained``: another folder in the same layout: CLIP, processor with the
+    per-frame normalisation, reward_config.json with ``a``, ``b`` and ``frames``)."""
+    import json
+    import os
+
+    from rewards.clip import HFCLIPEncoder
+
+    if pretrained is None:
+        import vialign_assets
+
+        pretrained = str(vialign_assets.path("shapeworld_video", "clip"))
+    config_file = os.path.join(pretrained, "reward_config.json")
+    if not os.path.isfile(config_file):
+        raise RewardInputError(
+            f"shapeworld-video-clip: {pretrained} has no reward_config.json (the head's a, b and frames); "
+            "rebuild the testbed with python -m vialign.testbed.video"
+        )
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            head = json.load(f)
+        a, b, frames = float(head["a"]), float(head["b"]), int(head["frames"])
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as error:
+        raise DamagedCheckpointError(
+            f"shapeworld-video-clip: {config_file} is damaged ({type(error).__name__}: {error}); it needs "
+            '{"a": ..., "b": ..., "frames": ...}: restore it from a good copy'
+        ) from None
+    encoder = HFCLIPEncoder.load(
+        pretrained, default_id=pretrained, what="shapeworld-video-clip", device=device, dtype=dtype
+    )
+    return ShapeWorldVideoCLIP(encoder, a, b, frames)

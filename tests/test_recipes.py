@@ -24,7 +24,8 @@ from recipe_anchors import ANCHORS, DERIVED  # noqa: E402
 TRAIN_PRESETS = sorted(
     p.stem
     for p in (ROOT / "configs").glob("*.yaml")
-    if "algorithm:" in p.read_text() and not p.stem.startswith(("quickstart", "hacking", "eval_", "sample_"))
+    if "algorithm:" in p.read_text()
+    and not p.stem.startswith(("quickstart", "hacking", "eval_", "sample_", "shapeworld_"))
 )
 FAMILY = {"sd15": "sd", "sdxl": "sdxl", "sd35": "sd3", "flux": "flux", "wan21": "wan"}
 

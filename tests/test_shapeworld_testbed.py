@@ -170,7 +170,8 @@ def test_standard_error_over_seeds_by_hand():
 
 
 def test_assets_fit_the_budget():
-    total = sum(f.stat().st_size for f in vialign_assets.path().rglob("*") if f.is_file())
+    # the image testbed's budget; the video testbed has its own (tests/test_shapeworld_video_testbed.py)
+    total = sum(f.stat().st_size for f in vialign_assets.path("shapeworld").rglob("*") if f.is_file())
     assert total <= ASSET_BUDGET_BYTES, f"{total / 2**20:.1f} MiB"
     weights = list(vialign_assets.path("shapeworld").rglob("*.safetensors"))
     assert weights and not list(vialign_assets.path("shapeworld").rglob("*.bin"))
@@ -192,6 +193,9 @@ def test_wheel_ships_the_assets(tmp_path):
         "vialign_assets/shapeworld/flow/model_index.json",
         "vialign_assets/shapeworld/unet/model_index.json",
         "vialign_assets/shapeworld/clip/reward_config.json",
+        "vialign_assets/shapeworld_video/wan/model_index.json",
+        "vialign_assets/shapeworld_video/wan/vialign.json",
+        "vialign_assets/shapeworld_video/clip/reward_config.json",
         "vialign_assets/__init__.py",
     ):
         assert needed in names
@@ -206,6 +210,7 @@ def test_wheel_ships_the_assets(tmp_path):
     code = (
         "import pipelines; from pipelines.loading import shipped_model_path; "
         "print(shipped_model_path('shapeworld')); print(shipped_model_path('shapeworld-unet')); "
+        "print(shipped_model_path('shapeworld-video')); "
         "print(pipelines.__file__)"
     )
     result = subprocess.run(

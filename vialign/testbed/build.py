@@ -240,13 +240,7 @@ def main(argv=None) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    log_file = open(out / "build.log", "w", encoding="utf-8")  # noqa: SIM115
-
-    def log(message: str) -> None:
-        line = f"[{time.time() - start:7.0f} s] {message}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+    log = train.BuildLog(out / "build.log")
 
     metrics: dict = {"steps": steps.__dict__, "timing_seconds": {}}
     tok = components.tokenizer()
@@ -323,7 +317,7 @@ def main(argv=None) -> None:
     metrics["timing_seconds"]["total"] = round(time.time() - start)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(f"done in {metrics['timing_seconds']['total']} s; wrote {out}")
-    log_file.close()
+    log.close()
 
 
 if __name__ == "__main__":

@@ -189,15 +189,22 @@ def save_pipeline(pipe: Any, folder: Path, defaults: dict[str, Any] | None = Non
     (folder / "vialign.json").write_text(json.dumps(defaults or MODEL_DEFAULTS, indent=2) + "\n")
 
 
-def save_clip(clip_model: Any, tok: Any, folder: Path, head: dict[str, float]) -> None:
-    """The reward model: CLIPModel + CLIPProcessor (float16) and its calibration (reward_config.json)."""
+def save_clip(clip_model: Any, tok: Any, folder: Path, head: dict[str, Any]) -> None:
+    """The reward model: CLIPModel + CLIPProcessor (float16) and its calibration (reward_config.json).
+    A video CLIP (``head["frames"]`` frames stacked as channels) gets the normalisation once per frame."""
     from transformers import CLIPImageProcessor, CLIPProcessor
+
+    from rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     clip_model.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     clip_model.to(torch.float32)
+    frames = int(head.get("frames", 1))
     processor = CLIPProcessor(
         image_processor=CLIPImageProcessor(
-            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+            size={"shortest_edge": IMAGE_SIZE},
+            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            image_mean=list(OPENAI_CLIP_MEAN) * frames,
+            image_std=list(OPENAI_CLIP_STD) * frames,
         ),
         tokenizer=tok,
     )

@@ -16,7 +16,7 @@ from vialign.sampling import Sampler
 
 @dataclass
 class Samples:
-    pixels: torch.Tensor  # [N, 3, H, W] in [0, 1]
+    pixels: torch.Tensor  # [N, 3, H, W] in [0, 1]; videos [N, F, 3, H, W]
     prompts: list[str]
     seeds: list[int]
 
@@ -59,10 +59,19 @@ class OracleReport:
 
 
 def oracle_report(samples: Samples) -> OracleReport:
-    images = samples.pixels.permute(0, 2, 3, 1).numpy()
-    verdicts = [sw.judge(image, prompt) for image, prompt in zip(images, samples.prompts)]
+    """The ShapeWorld oracle's verdicts on images, or the ShapeWorld video oracle's on videos."""
+    if samples.pixels.ndim == 5:
+        from rewards import shapeworld_video as swv
+
+        videos = samples.pixels.permute(0, 1, 3, 4, 2).numpy()
+        verdicts = [swv.judge_video(video, prompt) for video, prompt in zip(videos, samples.prompts)]
+        attributes = swv.ATTRIBUTES
+    else:
+        images = samples.pixels.permute(0, 2, 3, 1).numpy()
+        verdicts = [sw.judge(image, prompt) for image, prompt in zip(images, samples.prompts)]
+        attributes = sw.ATTRIBUTES
     correct = torch.tensor([all(v.values()) for v in verdicts])
-    by_attribute = {a: torch.tensor([v[a] for v in verdicts]) for a in sw.ATTRIBUTES}
+    by_attribute = {a: torch.tensor([v[a] for v in verdicts]) for a in attributes}
     per_attribute = {a: float(right.float().mean()) for a, right in by_attribute.items()}
     return OracleReport(float(correct.float().mean()), per_attribute, correct, by_attribute)
 

@@ -18,6 +18,22 @@ from rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize
 Log = Callable[[str], None]
 
 
+class BuildLog:
+    """A build script's log: each message with the seconds since it started, to stdout and to a file."""
+
+    def __init__(self, path: Any):
+        self.start, self.file = time.time(), open(path, "w", encoding="utf-8")  # noqa: SIM115
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.time() - self.start:7.0f} s] {message}"
+        print(line, flush=True)
+        self.file.write(line + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def sample_batch(
     rng: np.random.Generator, scenes: list[sw.Scene], batch: int
 ) -> tuple[torch.Tensor, list[str]]:
@@ -108,7 +124,10 @@ def _clip_inputs(tokenizer: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
 def clip_embeddings(model: Any, tokenizer: Any, pixels: torch.Tensor | None, prompts: list[str] | None):
     image = text = None
     if pixels is not None:
-        out = model.get_image_features(pixel_values=normalize(pixels, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
+        # a video CLIP sees F frames stacked as 3F channels: the statistics repeat per frame
+        repeat = pixels.shape[1] // 3
+        pixel_values = normalize(pixels, OPENAI_CLIP_MEAN * repeat, OPENAI_CLIP_STD * repeat)
+        out = model.get_image_features(pixel_values=pixel_values)
         image = F.normalize(getattr(out, "pooler_output", out), dim=-1)
     if prompts is not None:
         out = model.get_text_features(**_clip_inputs(tokenizer, prompts))
@@ -128,18 +147,35 @@ def contrastive_loss(model: Any, tokenizer: Any, pixels: torch.Tensor, prompts: 
     )
 
 
+Batches = Callable[[np.random.Generator, int], tuple[torch.Tensor, list[str]]]
+
+
+def image_renders(rng: np.random.Generator, batch: int) -> tuple[torch.Tensor, list[str]]:
+    """Renders of random scenes of all 144 prompts (the VAE's and the CLIP's data)."""
+    return sample_batch(rng, sw.all_scenes(), batch)
+
+
 def train_clip(
-    tokenizer: Any, steps: int, *, batch: int = 128, lr: float = 1e-3, seed: int = 0, log: Log = print
+    tokenizer: Any,
+    steps: int,
+    *,
+    batch: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    log: Log = print,
+    model: Any = None,
+    renders: Batches = image_renders,
 ):
+    """Contrastive training of ``model`` (default: the image testbed's tiny CLIP) on ``renders``."""
     from vialign.testbed import components
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = components.clip(len(tokenizer)).train()
+    model = (components.clip(len(tokenizer)) if model is None else model).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    scenes, start = sw.all_scenes(), time.time()
+    start = time.time()
     for step in range(steps):
-        pixels, prompts = sample_batch(rng, scenes, batch)
+        pixels, prompts = renders(rng, batch)
         loss = contrastive_loss(model, tokenizer, pixels, prompts)
         optimizer_step(optimizer, loss, lr * cosine_lr(step, steps))
         if step % 200 == 0 or step == steps - 1:
@@ -174,14 +210,23 @@ def train_denoiser(
     evaluate: Callable[[int], dict] | None = None,
     eval_every: int = 250,
     log: Log = print,
+    latents: Batches | None = None,
 ) -> tuple[list[dict], dict[int, dict]]:
     """Train ``adapter.denoiser`` on train-prompt renders: rectified flow with logit-normal sigma for
     flow models, epsilon prediction with uniform t for diffusion models; ``dropout`` of the prompts
-    become the empty prompt (for classifier-free guidance). Returns the evaluation history and the EMA
-    weights at every evaluation."""
+    become the empty prompt (for classifier-free guidance). ``latents(rng, batch)`` gives the clean latents
+    and their prompts (default: the image testbed's train-prompt renders, encoded). Returns the evaluation
+    history and the EMA weights at every evaluation."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     scenes = [s for s in sw.all_scenes() if not s.held_out]
+
+    def encoded_renders(rng: np.random.Generator, batch: int) -> tuple[torch.Tensor, list[str]]:
+        pixels, prompts = sample_batch(rng, scenes, batch)
+        with torch.no_grad():
+            return adapter.encode(pixels), prompts
+
+    latents = latents or encoded_renders
     denoiser = adapter.denoiser
     denoiser.train().requires_grad_(True)
     ema = EMA(denoiser, ema_decay)
@@ -204,9 +249,7 @@ def train_denoiser(
             denoiser.train()
         if step == steps:
             break
-        pixels, prompts = sample_batch(rng, scenes, batch)
-        with torch.no_grad():
-            x0 = adapter.encode(pixels)
+        x0, prompts = latents(rng, batch)
         keep = torch.rand(batch) >= dropout
         cond = adapter.encode_prompt(prompts)
         cond = type(cond)(
@@ -218,12 +261,13 @@ def train_denoiser(
         noise = torch.randn_like(x0)
         if adapter.kind == "flow":
             sigma = torch.sigmoid(torch.randn(batch))  # logit-normal (SD3 paper, sec. 3.1)
-            s = sigma.view(-1, 1, 1, 1)
+            s = sigma.view(-1, *[1] * (x0.ndim - 1))
             noisy, target, timesteps = (1 - s) * x0 + s * noise, noise - x0, sigma * 1000
         else:
             timesteps = torch.randint(0, adapter.scheduler.config.num_train_timesteps, (batch,))
             alpha, sigma = adapter.coefficients(timesteps)
-            noisy, target = alpha.view(-1, 1, 1, 1) * x0 + sigma.view(-1, 1, 1, 1) * noise, noise
+            view = (-1, *[1] * (x0.ndim - 1))
+            noisy, target = alpha.view(view) * x0 + sigma.view(view) * noise, noise
             timesteps = timesteps.float()
         loss = F.mse_loss(adapter.predict(noisy, timesteps, cond), target)
         optimizer_step(optimizer, loss, lr * cosine_lr(step, steps), clip=denoiser.parameters())
@@ -247,6 +291,7 @@ def finetune_reward(
     render_weight: float = 0.5,
     seed: int = 0,
     log: Log = print,
+    renders: Batches = image_renders,
 ) -> tuple[Any, dict[str, float]]:
     """Teach the CLIP which *generated* samples are right: a logistic head ``a cos + b`` trained with
     binary cross-entropy on oracle labels (the stand-in for human raters), plus the contrastive loss on
@@ -257,7 +302,7 @@ def finetune_reward(
     a = torch.nn.Parameter(torch.tensor(10.0))
     b = torch.nn.Parameter(torch.tensor(-5.0))
     optimizer = torch.optim.AdamW([*model.parameters(), a, b], lr=lr, weight_decay=0.01)
-    scenes, start = sw.all_scenes(), time.time()
+    start = time.time()
     positive_weight = float((1 - labels.float().mean()) / labels.float().mean().clamp(min=1e-3))
     for step in range(steps):
         index = torch.from_numpy(rng.integers(len(prompts), size=batch))
@@ -265,8 +310,8 @@ def finetune_reward(
         logits = a * (image * text).sum(-1) + b
         weights = torch.where(labels[index].bool(), positive_weight, 1.0)  # balance correct / incorrect
         loss = F.binary_cross_entropy_with_logits(logits, labels[index].float(), weight=weights)
-        renders, render_prompts = sample_batch(rng, scenes, batch)
-        loss = loss + render_weight * contrastive_loss(model, tokenizer, renders, render_prompts)
+        render_pixels, render_prompts = renders(rng, batch)
+        loss = loss + render_weight * contrastive_loss(model, tokenizer, render_pixels, render_prompts)
         optimizer_step(optimizer, loss, lr * cosine_lr(step, steps, warmup=50))
         if step % 100 == 0 or step == steps - 1:
             log(

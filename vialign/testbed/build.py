@@ -91,13 +91,7 @@ def train_generator(kind: str, vae_model, clip_model, tok, stats, steps: Steps, 
     seeds = list(range(steps.eval_seeds))
 
     def measure(step: int) -> dict:
-        held = evaluate.oracle_report(evaluate.generate(adapter, held_out, seeds))
-        seen = evaluate.oracle_report(evaluate.generate(adapter, train_prompts, seeds))
-        return {
-            "held_out_accuracy": round(held.accuracy, 4),
-            "train_accuracy": round(seen.accuracy, 4),
-            "held_out_per_attribute": {k: round(v, 4) for k, v in held.per_attribute.items()},
-        }
+        return evaluate.split_accuracies(adapter, held_out, train_prompts, seeds, sw.IMAGE_SIZE)
 
     history, snapshots = train.train_denoiser(
         adapter,
@@ -107,14 +101,7 @@ def train_generator(kind: str, vae_model, clip_model, tok, stats, steps: Steps, 
         log=log,
         lr=5e-4 if kind == "flow" else 1e-3,
     )
-    inside = [h for h in history if HEADROOM[0] <= h["held_out_accuracy"] <= HEADROOM[1]]
-    if inside:
-        chosen = max(inside, key=lambda h: (h["train_accuracy"], h["step"]))
-    else:
-        chosen = min(history, key=lambda h: abs(h["held_out_accuracy"] - 0.45))
-        log(
-            f"WARNING: no {kind} checkpoint had held-out accuracy in {HEADROOM}; shipping step {chosen['step']}"
-        )
+    chosen = evaluate.pick_snapshot(history, HEADROOM, log, f"{kind} ")
     adapter.denoiser.load_state_dict(snapshots[chosen["step"]])
     return pipe, adapter, history, chosen
 

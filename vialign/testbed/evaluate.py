@@ -76,6 +76,31 @@ def oracle_report(samples: Samples) -> OracleReport:
     return OracleReport(float(correct.float().mean()), per_attribute, correct, by_attribute)
 
 
+def split_accuracies(
+    adapter, held_out: Sequence[str], train_prompts: Sequence[str], seeds: Sequence[int], size: int
+) -> dict:
+    """A build's checkpoint figures: oracle accuracy on held-out and pretraining prompts, held-out per
+    attribute (rounded as ``metrics.json`` stores them)."""
+    held = oracle_report(generate(adapter, held_out, seeds, size=size))
+    seen = oracle_report(generate(adapter, train_prompts, seeds, size=size))
+    return {
+        "held_out_accuracy": round(held.accuracy, 4),
+        "train_accuracy": round(seen.accuracy, 4),
+        "held_out_per_attribute": {k: round(v, 4) for k, v in held.per_attribute.items()},
+    }
+
+
+def pick_snapshot(history: list[dict], headroom: tuple[float, float], log, what: str = "") -> dict:
+    """The checkpoint a build ships: of those whose held-out accuracy is inside ``headroom``, the best on
+    the pretraining prompts (the later on ties); with none inside, the one closest to 45% (and a warning)."""
+    inside = [h for h in history if headroom[0] <= h["held_out_accuracy"] <= headroom[1]]
+    if inside:
+        return max(inside, key=lambda h: (h["train_accuracy"], h["step"]))
+    chosen = min(history, key=lambda h: abs(h["held_out_accuracy"] - 0.45))
+    log(f"WARNING: no {what}checkpoint had held-out accuracy in {headroom}; shipping step {chosen['step']}")
+    return chosen
+
+
 def mean_and_se(values: torch.Tensor, per_prompt: int) -> tuple[float, float]:
     """Mean of per-sample values (prompt-major, ``per_prompt`` seeds each) and its standard error over
     seeds with the prompts held fixed: sqrt(sum_p var_p / S) / P, var_p the sample variance of prompt p's

@@ -239,13 +239,7 @@ def train_generator(adapter: Any, pool: Pool, steps: Steps, log) -> tuple[list[d
         return mean[index] + std[index] * noise, [pool.prompts[i] for i in index]
 
     def measure(step: int) -> dict:
-        held = evaluate.oracle_report(evaluate.generate(adapter, held_out, seeds, size=swv.FRAME_SIZE))
-        seen = evaluate.oracle_report(evaluate.generate(adapter, train_prompts, seeds, size=swv.FRAME_SIZE))
-        return {
-            "held_out_accuracy": round(held.accuracy, 4),
-            "train_accuracy": round(seen.accuracy, 4),
-            "held_out_per_attribute": {k: round(v, 4) for k, v in held.per_attribute.items()},
-        }
+        return evaluate.split_accuracies(adapter, held_out, train_prompts, seeds, swv.FRAME_SIZE)
 
     history, snapshots = train.train_denoiser(
         adapter,
@@ -257,12 +251,7 @@ def train_generator(adapter: Any, pool: Pool, steps: Steps, log) -> tuple[list[d
         log=log,
         latents=latents,
     )
-    inside = [h for h in history if HEADROOM[0] <= h["held_out_accuracy"] <= HEADROOM[1]]
-    if inside:
-        chosen = max(inside, key=lambda h: (h["train_accuracy"], h["step"]))
-    else:
-        chosen = min(history, key=lambda h: abs(h["held_out_accuracy"] - 0.45))
-        log(f"WARNING: no checkpoint had held-out accuracy in {HEADROOM}; shipping step {chosen['step']}")
+    chosen = evaluate.pick_snapshot(history, HEADROOM, log)
     adapter.denoiser.load_state_dict(snapshots[chosen["step"]])
     return history, chosen
 

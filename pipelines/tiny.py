@@ -111,29 +111,13 @@ def _clip_text_config(hidden: int = 32, projection: int = 32, vocab_size: int = 
     )
 
 
-def _t5_encoder(d_model: int, vocab_size: int) -> Any:
-    from transformers import T5Config, T5EncoderModel
+def t5_encoder(d_model: int, vocab_size: int, *, umt5: bool = False, d_kv: int = 8, d_ff: int = 37) -> Any:
+    """A 2-layer T5 encoder (SD3's, FLUX's, CogVideoX's class) or, with ``umt5``, UMT5 encoder (Wan2.1's)
+    of width ``d_model``, randomly initialised."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    config = T5Config(
-        vocab_size=vocab_size,
-        d_model=d_model,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-    )
-    return T5EncoderModel(config)
-
-
-def umt5_encoder(d_model: int, vocab_size: int, d_kv: int = 8, d_ff: int = 37) -> Any:
-    """A 2-layer UMT5 encoder (Wan2.1's text encoder class) of width ``d_model``, randomly initialised."""
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    config = UMT5Config(
+    config_class, model_class = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_class(
         vocab_size=vocab_size,
         d_model=d_model,
         d_kv=d_kv,
@@ -145,7 +129,7 @@ def umt5_encoder(d_model: int, vocab_size: int, d_kv: int = 8, d_ff: int = 37) -
         decoder_start_token_id=0,
         pad_token_id=0,
     )
-    return UMT5EncoderModel(config)
+    return model_class(config)
 
 
 def _wan_components() -> dict[str, Any]:
@@ -174,7 +158,7 @@ def _wan_components() -> dict[str, Any]:
         transformer=transformer,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        text_encoder=umt5_encoder(32, len(tokenizer)),
+        text_encoder=t5_encoder(32, len(tokenizer), umt5=True),
         tokenizer=tokenizer,
         transformer_2=None,
     )
@@ -229,7 +213,7 @@ def _cogvideox_components() -> dict[str, Any]:
         transformer=transformer,
         vae=vae,
         scheduler=scheduler,
-        text_encoder=_t5_encoder(32, len(tokenizer)),
+        text_encoder=t5_encoder(32, len(tokenizer)),
         tokenizer=tokenizer,
     )
 
@@ -353,7 +337,7 @@ def tiny_components(family: str, seed: int = 0) -> dict[str, Any]:
             tokenizer=clip_tokenizer(),
             text_encoder_2=CLIPTextModelWithProjection(_clip_text_config()),
             tokenizer_2=clip_tokenizer(),
-            text_encoder_3=_t5_encoder(64, len(t5_tok)),
+            text_encoder_3=t5_encoder(64, len(t5_tok)),
             tokenizer_3=t5_tok,
             image_encoder=None,
             feature_extractor=None,
@@ -393,7 +377,7 @@ def tiny_components(family: str, seed: int = 0) -> dict[str, Any]:
             scheduler=scheduler,
             text_encoder=CLIPTextModel(_clip_text_config()),
             tokenizer=clip_tokenizer(),
-            text_encoder_2=_t5_encoder(32, len(t5_tok)),
+            text_encoder_2=t5_encoder(32, len(t5_tok)),
             tokenizer_2=t5_tok,
             image_encoder=None,
             feature_extractor=None,

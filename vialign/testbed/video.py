@@ -112,10 +112,10 @@ def vae() -> Any:
 
 def text_encoder(vocab_size: int) -> Any:
     """Frozen and randomly initialised (seeded), as a stand-in for Wan's frozen UMT5."""
-    from pipelines.tiny import umt5_encoder
+    from pipelines.tiny import t5_encoder
 
     torch.manual_seed(2)
-    return umt5_encoder(TEXT_WIDTH, vocab_size, d_kv=16, d_ff=128).eval().requires_grad_(False)
+    return t5_encoder(TEXT_WIDTH, vocab_size, umt5=True, d_kv=16, d_ff=128).eval().requires_grad_(False)
 
 
 def transformer() -> Any:

@@ -19,10 +19,14 @@ section is skipped once ``--budget`` seconds have passed; a hard alarm stops the
 
   1. sampling: vialign / stock diffusers time ratio, 512x512, 20 steps, CFG, batch 4 — runs
      ``benchmarks/sampling.py``'s ``benchmark_family`` on this model (its clock synchronised with CUDA);
-  2. memory: gradients through the whole chain (+ VAE decode), 256x256, batch 1, N = 10 and 50: peak
-     ``max_memory_allocated`` above the weights and time of the plain chain, per-step checkpointing
-     (full recompute), selective recompute (``checkpoint="selective"``) and activations offloaded to host
-     memory (as ``benchmarks/memory.py`` calls ``rollout_prompts``);
+  2. memory: gradients through the whole chain (+ VAE decode), 256x256, batch 1, N = 10 and 50, and
+     512x512 batch 4 at N = 8: peak ``max_memory_allocated`` above the weights and time of the plain
+     chain, per-step checkpointing (full recompute, ``checkpoint=True``), the same with torch's
+     non-reentrant checkpoint that records each step's graph in the forward too (``checkpoint_graph``:
+     vialign's implementation before 2026-12-05, kept here as the yardstick), selective recompute
+     (``checkpoint="selective"``) and activations offloaded to host memory (as ``benchmarks/memory.py``
+     calls ``rollout_prompts``); ``--memory-steps``/``--memory-repeats``/``--memory-modes`` shorten it
+     (e.g. on a CPU);
   3. compile: ODE rollout with the denoiser eager vs ``torch.compile``'d (``adapter.denoiser`` is what
      ``_forward`` calls), 512x512 batch 4; compile time apart;
   4. grpo: ``benchmarks/grpo_step.py``'s step / model-call ratio on this model saved as a diffusers folder;
@@ -33,7 +37,11 @@ section is skipped once ``--budget`` seconds have passed; a hard alarm stops the
      GPUs would hold, measurable on one;
   7. flux: FLUX.1-dev's transformer and VAE (11.9B + 84M, random, no text encoders: random prompt
      embeddings given to both paths): sampling vialign vs stock FluxPipeline at 1024x1024, then the
-     same full fine-tuning step sharded over 8 fake ranks.
+     same full fine-tuning step sharded over 8 fake ranks, run as section 8 in a child process with
+     ``CUDA_LAUNCH_BLOCKING=1`` (a CUDA fault there, as on 2026-12-04, then names its kernel and leaves
+     this run's CUDA context intact); when that child fails, again with 2 double and 2 single blocks
+     of FLUX's width (``--flux-blocks 2 2``) and with 2 fake ranks, to tell depth from sharding;
+  8. flux_fsdp: that step alone (what the child runs).
 
 Writes ``OUT/gpu.json`` and ``OUT/gpu.md`` after every section (``--out`` ending in .json: that file).
 """
@@ -211,8 +219,10 @@ PLAN = {
             steps=(10, 50),
             repeats=3,
             guidance=4.0,
-            modes=("nograd", "checkpoint", "selective", "plain"),  # offload: 10-14x plain (2026-12-04)
-            large=dict(size=512, batch=4, steps=8, modes=("checkpoint", "selective", "plain")),
+            modes=("nograd", "checkpoint", "checkpoint_graph", "selective", "plain"),  # offload: 10-14x plain
+            large=dict(
+                size=512, batch=4, steps=8, modes=("checkpoint", "checkpoint_graph", "selective", "plain")
+            ),
         ),
         compile=dict(size=512, steps=20, batch=4, repeats=3, guidance=7.5, min_seconds_left=100),
         grpo=dict(size=256, steps=10, group_size=8, prompts=8, micro_batch=32, repeats=3),
@@ -232,8 +242,10 @@ PLAN = {
             steps=(2, 4),
             repeats=3,
             guidance=4.0,
-            modes=("nograd", "checkpoint", "selective", "offload", "plain"),
-            large=dict(size=128, batch=2, steps=2, modes=("checkpoint", "selective", "plain")),
+            modes=("nograd", "checkpoint", "checkpoint_graph", "selective", "offload", "plain"),
+            large=dict(
+                size=128, batch=2, steps=2, modes=("checkpoint", "checkpoint_graph", "selective", "plain")
+            ),
         ),
         compile=dict(size=64, steps=3, batch=2, repeats=3, guidance=7.5, min_seconds_left=0),
         grpo=dict(size=64, steps=3, group_size=2, prompts=2, micro_batch=4, repeats=3),
@@ -252,6 +264,7 @@ SECTIONS = {
     "5": "scoring",
     "6": "fsdp",
     "7": "flux",
+    "8": "flux_fsdp",
 }
 
 
@@ -567,7 +580,24 @@ def section_memory(ctx: Context) -> dict:
 
     from vialign.sampling import Sampler, rollout_prompts
 
-    plan = ctx.plan["memory"]
+    # the module, not the function ``vialign.sampling.rollout`` that shadows it as an attribute
+    rollout_module = importlib.import_module("vialign.sampling.rollout")
+
+    graph_calls = []
+
+    def graph_checkpointed(function, *args, mode=True):
+        """The yardstick: torch's non-reentrant checkpoint, whose forward records the step's graph."""
+        graph_calls.append(1)
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+
+    plan = dict(ctx.plan["memory"])
+    if ctx.args.memory_steps:
+        plan.update(steps=tuple(ctx.args.memory_steps))
+        plan.pop("large", None)
+    if ctx.args.memory_repeats:
+        plan.update(repeats=ctx.args.memory_repeats)
+    if ctx.args.memory_modes:
+        plan.update(modes=tuple(ctx.args.memory_modes))
     adapter = ctx.adapter()
     size, batch = plan["size"], plan["batch"]
     prompts = [f"a photo of object {i}" for i in range(batch)]
@@ -581,6 +611,7 @@ def section_memory(ctx: Context) -> dict:
     modes = {
         "nograd": (False, False, False),
         "checkpoint": (True, True, False),
+        "checkpoint_graph": (True, True, False),
         "selective": ("selective", True, False),
         "offload": (False, False, True),
         "plain": (False, False, False),
@@ -593,7 +624,10 @@ def section_memory(ctx: Context) -> dict:
             torch.cuda.reset_peak_memory_stats(ctx.device)
         start = ctx.clock()
         checkpoint, decode_checkpoint, offload = modes[mode]
-        with torch.set_grad_enabled(mode != "nograd"):
+        graph = (
+            patched(rollout_module, checkpointed=graph_checkpointed) if mode == "checkpoint_graph" else None
+        )
+        with torch.set_grad_enabled(mode != "nograd"), graph or contextlib.nullcontext():
             trajectory = rollout_prompts(
                 adapter,
                 prompts,
@@ -611,6 +645,9 @@ def section_memory(ctx: Context) -> dict:
             if mode != "nograd":
                 loss.backward()
         seconds = ctx.clock() - start
+        if mode == "checkpoint_graph" and len(graph_calls) < n:
+            raise RuntimeError(f"checkpoint_graph ran {len(graph_calls)} non-reentrant steps of {n}")
+        graph_calls.clear()
         peak = (torch.cuda.max_memory_allocated(ctx.device) - base) / 2**30 if ctx.cuda else None
         value = loss.item()
         del trajectory, loss
@@ -677,7 +714,7 @@ def section_memory(ctx: Context) -> dict:
                 )
             warm = False
             plain = row.get("plain", {})
-            for mode in ("checkpoint", "selective", "offload"):
+            for mode in ("checkpoint", "checkpoint_graph", "selective", "offload"):
                 other = row.get(mode, {})
                 if "median_s" not in plain or "median_s" not in other:
                     continue
@@ -1028,9 +1065,10 @@ def section_fsdp(ctx: Context) -> dict:
     return results
 
 
-def build_flux(device, dtype, tiny: bool):
+def build_flux(device, dtype, tiny: bool, blocks: tuple[int, int] | None = None):
     """A FluxPipeline with FLUX.1-dev's transformer and VAE architectures, random weights, built on the
-    device, without text encoders (prompts are given as embeddings to both paths)."""
+    device, without text encoders (prompts are given as embeddings to both paths); ``blocks``: (double,
+    single) transformer blocks in place of FLUX.1-dev's (19, 38), at its width."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
@@ -1044,9 +1082,10 @@ def build_flux(device, dtype, tiny: bool):
     else:
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # 12B parameters: initialise them in the run's dtype, on the device
+        layers = {} if blocks is None else {"num_layers": blocks[0], "num_single_layers": blocks[1]}
         try:
             with torch.device(device):
-                transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+                transformer = FluxTransformer2DModel(**{**FLUX_DEV_TRANSFORMER, **layers})
                 vae = AutoencoderKL(**FLUX_VAE)
         finally:
             torch.set_default_dtype(default)
@@ -1074,26 +1113,13 @@ def section_flux(ctx: Context) -> dict:
     then the memory per rank of a full fine-tuning step sharded over 8 ranks."""
     import torch
 
-    import pipelines
-    from pipelines.embeds import PromptEmbeds
     from vialign.sampling import rollout_prompts
 
     plan = ctx.plan["flux"]
-    pipe = build_flux(ctx.device, ctx.dtype, tiny=ctx.args.smoke)
-    adapter = pipelines.FluxAdapter.from_pipeline(
-        pipe, model_id="flux-dev-random", device=ctx.device, dtype=ctx.dtype
-    )
-    config = pipe.transformer.config
+    pipe, adapter = flux_adapter(ctx)
     batch, size, steps = plan["batch"], plan["size"], plan["steps"]
     prompts = [f"a photo of object number {i}" for i in range(batch)]
-    generator = torch.Generator(ctx.device).manual_seed(0)
-    hidden = torch.randn(batch, 512, config.joint_attention_dim, generator=generator, device=ctx.device)
-    pooled = torch.randn(batch, config.pooled_projection_dim, generator=generator, device=ctx.device)
-    hidden, pooled = hidden.to(ctx.dtype), pooled.to(ctx.dtype)
-    for i, prompt in enumerate(prompts):
-        adapter.prompt_cache.put(
-            [prompt], PromptEmbeds({"hidden_states": hidden[i : i + 1], "pooled": pooled[i : i + 1]})
-        )
+    hidden, pooled = flux_prompt_embeddings(ctx, adapter, prompts)
 
     def generators():
         return [torch.Generator().manual_seed(i) for i in range(batch)]
@@ -1141,22 +1167,124 @@ def section_flux(ctx: Context) -> dict:
         "max_pixel_difference": max_diff,
     }
     log(f"flux sampling: ratio {results['ratio_vialign_over_stock']:.3f}, max pixel diff {max_diff:.1e}")
-    del reference, ours
-    ctx.free()
-    if ctx.seconds_left() > 30:
-        results["fsdp"] = training_step_memory(
-            ctx,
-            adapter,
-            size=plan["fsdp_size"],
-            num_steps=plan["fsdp_steps"],
-            world_size=plan["world_size"],
-            prompt=prompts[0],
+    weights = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters()) / 2**30
+    # unsharded full fine-tuning holds weights, gradients and AdamW's two moments (all in the weights'
+    # dtype here) before any activation: computed, not run (it does not fit beside the rest)
+    results["unsharded_weights_grads_adam_gb"] = 4 * weights
+    # the closures above hold these: rebinding (not del) frees the 12B model
+    reference = ours = pipe = adapter = hidden = pooled = None
+    ctx.free()  # the child builds its own 12B model
+    if ctx.seconds_left() > 60:
+        results["fsdp"] = child_section(ctx, "flux_fsdp")
+        if "error" in results["fsdp"]:
+            variants = {
+                "fsdp_2_2_blocks": ["--flux-blocks", "2", "2"],
+                "fsdp_2_2_blocks_2_ranks": ["--flux-blocks", "2", "2", "--flux-world-size", "2"],
+            }
+            for key, options in variants.items():
+                if ctx.seconds_left() > 60:
+                    results[key] = child_section(ctx, "flux_fsdp", options)
+    return results
+
+
+def flux_adapter(ctx: Context):
+    """The random FLUX.1-dev-architecture pipeline (``--flux-blocks``: fewer blocks) and its adapter."""
+    import pipelines
+
+    pipe = build_flux(ctx.device, ctx.dtype, tiny=ctx.args.smoke, blocks=ctx.args.flux_blocks)
+    adapter = pipelines.FluxAdapter.from_pipeline(
+        pipe, model_id="flux-dev-random", device=ctx.device, dtype=ctx.dtype
+    )
+    return pipe, adapter
+
+
+def flux_prompt_embeddings(ctx: Context, adapter, prompts: list[str]):
+    """Random T5 and CLIP-pooled embeddings, one per prompt, put in the adapter's prompt cache (there are
+    no text encoders); returned batched for the stock pipeline."""
+    import torch
+
+    from pipelines.embeds import PromptEmbeds
+
+    config = adapter.unwrapped_denoiser.config
+    generator = torch.Generator(ctx.device).manual_seed(0)
+    batch = len(prompts)
+    hidden = torch.randn(batch, 512, config.joint_attention_dim, generator=generator, device=ctx.device)
+    pooled = torch.randn(batch, config.pooled_projection_dim, generator=generator, device=ctx.device)
+    hidden, pooled = hidden.to(ctx.dtype), pooled.to(ctx.dtype)
+    for i, prompt in enumerate(prompts):
+        adapter.prompt_cache.put(
+            [prompt], PromptEmbeds({"hidden_states": hidden[i : i + 1], "pooled": pooled[i : i + 1]})
         )
-        weights = results["fsdp"]["denoiser_weights_gb"]
-        # unsharded full fine-tuning holds weights, gradients and AdamW's two moments (all in the weights'
-        # dtype here) before any activation: computed, not run (it does not fit beside the rest)
-        results["unsharded_weights_grads_adam_gb"] = 4 * weights
-    return results  # the 12B model is freed with this frame
+    return hidden, pooled
+
+
+def section_flux_fsdp(ctx: Context) -> dict:
+    """One full fine-tuning step of FLUX.1-dev's architecture sharded over fake ranks (section 7 runs it in
+    a child process: :func:`child_section`)."""
+    plan = ctx.plan["flux"]
+    pipe, adapter = flux_adapter(ctx)
+    prompt = "a photo of object number 0"
+    flux_prompt_embeddings(ctx, adapter, [prompt])
+    world_size = ctx.args.flux_world_size or plan["world_size"]
+    result = training_step_memory(
+        ctx,
+        adapter,
+        size=plan["fsdp_size"],
+        num_steps=plan["fsdp_steps"],
+        world_size=world_size,
+        prompt=prompt,
+    )
+    result["blocks"] = list(
+        ctx.args.flux_blocks
+        or (pipe.transformer.config.num_layers, pipe.transformer.config.num_single_layers)
+    )
+    return result
+
+
+def child_section(ctx: Context, name: str, options: tuple[str, ...] | list[str] = ()) -> dict:
+    """Section ``name`` of this script in a child process with ``CUDA_LAUNCH_BLOCKING=1``: its result, or
+    {"error": the child's last lines, "returncode"} when it failed (a CUDA fault cannot spoil this
+    process's context). The child gets this run's device, dtype, plan and the seconds left."""
+    out = ctx.tmp / f"child-{name}-{len(list(ctx.tmp.glob('child-*')))}.json"
+    left = max(ctx.seconds_left() - 10, 30)
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--device",
+        str(ctx.device),
+        "--dtype",
+        ctx.dtype_name,
+        "--sections",
+        name,
+        "--budget",
+        str(int(left)),
+        "--hard-limit",
+        str(int(left)),
+        "--out",
+        str(out),
+        *(["--smoke"] if ctx.args.smoke else []),
+        *options,
+    ]
+    log(f"child: {' '.join(command[2:])}")
+    env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1"}
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=left + 30)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within {left + 30:.0f} s", "options": list(options)}
+    section = {}
+    if out.exists():
+        section = json.loads(out.read_text()).get("sections", {}).get(name, {})
+    if done.returncode == 0 and section.get("status") == "ok":
+        return {**section["result"], "options": list(options)}
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    tail = [line for line in lines if not line.startswith("[")][-25:]
+    log(f"child {name} {options} failed (exit {done.returncode}):\n" + "\n".join(tail))
+    return {
+        "error": section.get("error") or (tail[-1] if tail else f"exit {done.returncode}"),
+        "returncode": done.returncode,
+        "log_tail": tail,
+        "options": list(options),
+    }
 
 
 RUNNERS = {
@@ -1167,6 +1295,7 @@ RUNNERS = {
     "scoring": section_scoring,
     "fsdp": section_fsdp,
     "flux": section_flux,
+    "flux_fsdp": section_flux_fsdp,
 }
 
 
@@ -1207,7 +1336,7 @@ def _section_rows(name: str, r: dict) -> list[tuple[str, str, str]]:
         for key, row in r.items():
             if not key.startswith("N="):
                 continue
-            for mode in ("nograd", "checkpoint", "selective", "offload", "plain"):
+            for mode in ("nograd", "checkpoint", "checkpoint_graph", "selective", "offload", "plain"):
                 if mode not in row:
                     continue
                 m = row[mode]
@@ -1221,7 +1350,7 @@ def _section_rows(name: str, r: dict) -> list[tuple[str, str, str]]:
                     )
                 else:
                     rows.append((f"{key} {mode}", "-", str(m.get("skipped") or m.get("oom") or "")[:120]))
-            for mode in ("checkpoint", "selective", "offload"):
+            for mode in ("checkpoint", "checkpoint_graph", "selective", "offload"):
                 ratios = row.get(f"{mode}_over_plain")
                 if ratios:
                     rows.append(
@@ -1333,17 +1462,28 @@ def _section_rows(name: str, r: dict) -> list[tuple[str, str, str]]:
             f"{c['size']}px, {c['steps']} steps, batch {c['batch']}, guidance {c['guidance']}, {c['dtype']}",
             f"max pixel diff {r['max_pixel_difference']:.1e}; target <= 1.05",
         )
-        if "fsdp" in r:
-            m = r["fsdp"]
+        for key in ("fsdp", "fsdp_2_2_blocks", "fsdp_2_2_blocks_2_ranks"):
+            if key not in r:
+                continue
+            m = r[key]
+            label = f"FSDP {' '.join(m.get('options', [])) or 'as planned'}"
+            if "error" in m:
+                rows.append((label, "failed", f"exit {m.get('returncode')}: {str(m['error'])[:300]}"))
+                continue
             rows.append(
                 (
-                    f"FSDP x{m['world_size']} peak GB/rank",
+                    f"{label}: x{m['world_size']} peak GB/rank",
                     _fmt(m.get("peak_gb"), 2),
-                    f"full fine-tuning step, {c['fsdp_size']}px; resident {_fmt(m.get('resident_before_step_gb'), 2)}"
-                    f" GB, after step {_fmt(m.get('after_step_gb'), 2)} GB; unsharded weights+grads+AdamW "
-                    f"alone {_fmt(r.get('unsharded_weights_grads_adam_gb'), 1)} GB (computed)",
+                    f"full fine-tuning step, {c['fsdp_size']}px, blocks {m.get('blocks')}; resident "
+                    f"{_fmt(m.get('resident_before_step_gb'), 2)} GB, after step {_fmt(m.get('after_step_gb'), 2)} "
+                    f"GB; unsharded weights+grads+AdamW alone {_fmt(r.get('unsharded_weights_grads_adam_gb'), 1)} "
+                    "GB (computed)",
                 )
             )
+    elif name == "flux_fsdp":
+        rows.append(
+            (f"x{r['world_size']} peak GB/rank", _fmt(r.get("peak_gb"), 2), f"blocks {r.get('blocks')}")
+        )
     return rows
 
 
@@ -1423,6 +1563,34 @@ def main() -> None:
         "last: the longest)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny configs and few steps (checks the script)")
+    parser.add_argument(
+        "--memory-steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="memory section: these N only (no large row)",
+    )
+    parser.add_argument(
+        "--memory-repeats", type=int, default=None, help="memory section: timed runs per mode"
+    )
+    parser.add_argument(
+        "--memory-modes",
+        nargs="+",
+        default=None,
+        choices=["nograd", "checkpoint", "checkpoint_graph", "selective", "offload", "plain"],
+        help="memory section: these modes only",
+    )
+    parser.add_argument(
+        "--flux-blocks",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("DOUBLE", "SINGLE"),
+        help="FLUX sections: this many double and single blocks (FLUX.1-dev: 19 38)",
+    )
+    parser.add_argument(
+        "--flux-world-size", type=int, default=None, help="section 8: fake ranks (default the plan's 8)"
+    )
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument(
         "--compile-mode", default=None, help="torch.compile mode for inductor (default: its default)"

@@ -51,12 +51,13 @@ def max_difference(
 def test_fsdp_two_processes_equal_one(tmp_path, tiny_dir):
     """accelerate launch with 2 processes and the tiny SD3 transformer sharded over them (FSDP2 per
     transformer block, then the rest) == one unsharded process, same global batch, after 2 steps of GRPO
-    (with KL: a whole reference copy gathered from the shards; EMA; clipping) and of ReFL: the trained
+    (with KL: a whole reference copy gathered from the shards; EMA; clipping), of ReFL and of DRaFT+ (K = 2:
+    the checkpointed chain, whose recompute gathers the shards again in the backward pass): the trained
     weights and EMA within 1e-5. Each process holds half of the weights. Then evaluation (sampled on
     both processes) gives one process's metrics, the checkpoint has the unsharded run's keys, shapes and
     optimizer layout (whole tensors, values within 1e-5), a resume from it restores exactly what was
     saved (weights, EMA, Adam moments), and the exported pipeline holds the EMA weights."""
-    algorithms = ["grpo", "refl"]
+    algorithms = ["grpo", "refl", "draft"]
     script = Path(__file__).with_name("train_two_steps.py")
     sys.path.insert(0, str(script.parent))
     from train_two_steps import regularizer_images

@@ -146,6 +146,57 @@ def test_checkpointed_chain_gives_the_plain_chains_gradients(adapters, model, sa
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-6, atol=1e-6, msg=name)
 
 
+def _graph_nodes(output: torch.Tensor) -> int:
+    """How many autograd nodes the backward of ``output`` would visit."""
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return len(seen)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-flux"])
+def test_checkpointed_forward_records_no_graph_inside_a_step(adapters, model):
+    """``checkpoint=True`` runs each step's first forward without recording its graph (the recompute
+    records it): the chain's graph is a few nodes a step, where the plain chain's holds every op."""
+    adapter = pipelines.load_pipeline(model, device="cpu")
+    for param in adapter.denoiser.parameters():
+        param.requires_grad_(True)
+    sampler = Sampler(sde="ddim" if adapter.kind == "diffusion" else "flow-sde")
+    nodes = {
+        mode: _graph_nodes(
+            _rollout(adapter, sampler, num_steps=5, grad_steps=4, checkpoint=mode, prompts=PROMPTS[:2]).final
+        )
+        for mode in (False, True, "selective")
+    }
+    assert nodes[True] <= 4 * 4, nodes  # a step: the checkpoint's node, its input's leaf, the copy of x
+    assert nodes[False] > 100 * 4 and nodes["selective"] > 100 * 4, nodes  # whole graphs, every op a node
+
+
+def test_checkpointed_chain_is_differentiated_by_backward_and_selective_by_autograd_grad():
+    """``checkpoint=True`` (reentrant) gives its gradient to ``backward()`` only: the weights are not in the
+    chain's recorded graph, so ``autograd.grad`` with respect to them is refused (torch's error);
+    ``"selective"`` (non-reentrant) serves ``autograd.grad``, with the same values as the backward."""
+    adapter = pipelines.load_pipeline("tiny-sd3", device="cpu")
+    params = list(adapter.denoiser.parameters())
+    for param in params:
+        param.requires_grad_(True)
+    sampler = Sampler(sde="flow-sde")
+    full = _rollout(adapter, sampler, grad_steps=2, checkpoint=True, prompts=PROMPTS[:1])
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):
+        torch.autograd.grad(full.final.sum(), params)
+    full = _rollout(adapter, sampler, grad_steps=2, checkpoint=True, prompts=PROMPTS[:1])
+    full.final.sum().backward()
+    selective = _rollout(adapter, sampler, grad_steps=2, checkpoint="selective", prompts=PROMPTS[:1])
+    grads = torch.autograd.grad(selective.final.sum(), params)
+    assert any(g.abs().sum() > 0 for g in grads)
+    for param, grad in zip(params, grads):
+        torch.testing.assert_close(grad, param.grad, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("model", ["tiny-sd", "tiny-flux"])
 def test_selective_recompute_gives_the_plain_gradients_without_recomputing_products(model):
     """``checkpoint="selective"``: the backward pass re-runs none of the forward's convolutions or matrix
@@ -167,9 +218,12 @@ def test_selective_recompute_gives_the_plain_gradients_without_recomputing_produ
     forward_products = sum(forward.counts[op] for op in products)
     assert forward_products > 0
     # the plain backward runs products of its own (a linear layer's gradients are matrix products)
-    assert recomputed[True] - recomputed[False] == forward_products, "full recompute re-runs each forward"
+    # full recompute re-runs each forward; its window's first input is given requires_grad, which costs at
+    # most one product more (a linear input layer's input gradient; a convolution's comes in the same op)
+    assert 0 <= recomputed[True] - recomputed[False] - forward_products <= 1, (
+        "full recompute re-runs each forward"
+    )
     assert recomputed["selective"] == recomputed[False], "selective recompute re-runs none of them"
-    assert counters["selective"].counts.total() < counters[True].counts.total()
     for name in grads[False]:
         torch.testing.assert_close(
             grads["selective"][name], grads[False][name], rtol=1e-6, atol=1e-6, msg=name

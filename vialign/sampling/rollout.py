@@ -72,14 +72,31 @@ def checkpointed(function: Callable[..., Any], *args: Any, mode: Checkpoint = Tr
     """``function(*args)`` with activation checkpointing: ``True`` recomputes the whole call in the
     backward pass (memory: its inputs only); ``"selective"`` keeps the outputs of matrix products,
     convolutions and attention and recomputes only the elementwise ops and norms between them (memory:
-    about a third of a plain call's, time: the backward skips most of the recomputed FLOPs);
-    ``False`` runs it plainly. Gradients are the same in every mode."""
+    about a third of a plain call's); ``False`` runs it plainly. Gradients are the same in every mode.
+
+    ``True`` runs the first forward without recording a graph (torch's reentrant checkpoint): the
+    non-reentrant one records the whole graph twice, once in the forward and once in the recompute, and
+    where kernels are short (a GPU at small sizes) that bookkeeping is a large share of a forward's time
+    (README, "Gradients through the chain"; ``benchmarks/gpu.py`` measures both).
+    The gradient it gives reaches the weights through ``loss.backward()``, as every vialign algorithm
+    takes it; ``torch.autograd.grad`` through it raises torch's error. At least one input must require
+    grad for the recompute to run at all, so when none does (the first step of a window after
+    steps without grad) the first tensor input is given ``requires_grad``: its gradient is one extra
+    product at the model's input, and nothing reads it."""
     if mode is False:
         return function(*args)
     if mode not in (True, "selective"):
         raise VialignInputError(f"checkpoint must be true, false or 'selective', got {mode!r}")
-    context_fn = _selective_contexts if mode == "selective" else torch.utils.checkpoint.noop_context_fn
-    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=context_fn)
+    if mode == "selective":
+        return torch.utils.checkpoint.checkpoint(
+            function, *args, use_reentrant=False, context_fn=_selective_contexts
+        )
+    if not any(isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args):
+        first = next(
+            i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor) and arg.is_floating_point()
+        )
+        args = (*args[:first], args[first].detach().requires_grad_(True), *args[first + 1 :])
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=True)
 
 
 class StepHook:
@@ -257,7 +274,9 @@ def rollout(
         grad_steps: the last ``grad_steps`` steps keep gradients w.r.t. the model's trainable weights
             (0: none, N: the whole chain); ``trajectory.final`` then carries the graph.
         checkpoint: recompute each gradient step's activations in the backward pass instead of storing
-            them (memory ~ one step instead of ``grad_steps`` steps; gradients are identical);
+            them (memory ~ one step instead of ``grad_steps`` steps; gradients are identical). Take that
+            gradient with ``loss.backward()``: ``torch.autograd.grad`` needs ``"selective"`` or ``False``
+            (see :func:`checkpointed`);
             ``"selective"`` keeps each step's matrix-product/convolution/attention outputs and recomputes
             the rest (see :func:`checkpointed`: memory grows with ``grad_steps`` again, by about a third of
             a plain step's, for a cheaper backward).

@@ -132,23 +132,35 @@ def t5_encoder(d_model: int, vocab_size: int, *, umt5: bool = False, d_kv: int =
     return model_class(config)
 
 
-def _wan_components() -> dict[str, Any]:
-    """Wan2.1's architecture at toy width: 1x2x2 patches, UMT5 text, a causal 3D VAE (x8 space, x4 time)."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+def wan_transformer(
+    *, heads: int, head_dim: int, channels: int, text_dim: int, freq_dim: int, ffn_dim: int, layers: int
+) -> Any:
+    """A ``WanTransformer3DModel`` with Wan2.1's layout (1x2x2 patches, cross-attention norm, RMS q/k norm
+    across heads) at the given size: the tiny Wan here and the video testbed's generator."""
+    from diffusers import WanTransformer3DModel
 
-    transformer = WanTransformer3DModel(
+    return WanTransformer3DModel(
         patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=channels,
+        out_channels=channels,
+        text_dim=text_dim,
+        freq_dim=freq_dim,
+        ffn_dim=ffn_dim,
+        num_layers=layers,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
+    )
+
+
+def _wan_components() -> dict[str, Any]:
+    """Wan2.1's architecture at toy width: 1x2x2 patches, UMT5 text, a causal 3D VAE (x8 space, x4 time)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+
+    transformer = wan_transformer(
+        heads=2, head_dim=12, channels=16, text_dim=32, freq_dim=256, ffn_dim=32, layers=2
     )
     vae = AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]

@@ -18,9 +18,7 @@ Stages, in order (each logs its progress and timing):
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,13 +189,7 @@ def report(out: Path, log=print, preference_seeds: range = PREFERENCE_SEEDS, see
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Train the ShapeWorld testbed from scratch.")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument(
-        "--report-only", action="store_true", help="only re-measure the saved models (README figures)"
-    )
+    parser = train.build_parser("Train the ShapeWorld testbed from scratch.", DEFAULT_OUT)
     parser.add_argument(
         "--preferences-only",
         action="store_true",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +35,18 @@ class BuildLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+def build_parser(description: str, default_out: Path) -> argparse.ArgumentParser:
+    """The options every testbed build takes: ``--out``, ``--quick``, ``--threads``, ``--report-only``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--report-only", action="store_true", help="only re-measure the saved models (README figures)"
+    )
+    return parser
 
 
 def sample_batch(

@@ -23,9 +23,7 @@ The world is :mod:`rewards.shapeworld_video` (one shape moving left, right or st
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,21 +117,17 @@ def text_encoder(vocab_size: int) -> Any:
 
 
 def transformer() -> Any:
-    from diffusers import WanTransformer3DModel
+    """The generator: Wan2.1's transformer, 4 blocks of width 128 (``pipelines.tiny.wan_transformer``)."""
+    from pipelines.tiny import wan_transformer
 
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=4,
-        attention_head_dim=32,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
+    return wan_transformer(
+        heads=4,
+        head_dim=32,
+        channels=LATENT_CHANNELS,
         text_dim=TEXT_WIDTH,
         freq_dim=64,
         ffn_dim=256,
-        num_layers=4,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
+        layers=4,
     )
 
 
@@ -376,11 +370,7 @@ def report(out: Path, log=print, seeds: int = 8) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Train the ShapeWorld video testbed from scratch.")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--report-only", action="store_true", help="only re-measure the saved models")
+    parser = train.build_parser("Train the ShapeWorld video testbed from scratch.", DEFAULT_OUT)
     args = parser.parse_args(argv)
     steps = QUICK if args.quick else Steps()
     out: Path = args.out

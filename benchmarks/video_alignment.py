@@ -81,8 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     fresh = {}
     for name, adapter in (("base", base), ("final", tuned)):
         report = evaluate.oracle_report(evaluate.generate(adapter, prompts, FRESH_SEEDS, size=swv.FRAME_SIZE))
-        se = (report.accuracy * (1 - report.accuracy) / len(report.correct)) ** 0.5
-        fresh[name] = {"oracle_accuracy": report.accuracy, "se": se, "per_attribute": report.per_attribute}
+        accuracy, se = evaluate.mean_and_se(
+            report.correct.float(), len(FRESH_SEEDS)
+        )  # as the trainer's "_se"
+        fresh[name] = {"oracle_accuracy": accuracy, "se": se, "per_attribute": report.per_attribute}
     fresh["seeds"] = len(FRESH_SEEDS)
     fresh["gain_points"] = round(
         100 * (fresh["final"]["oracle_accuracy"] - fresh["base"]["oracle_accuracy"]), 1
